@@ -1,0 +1,1 @@
+"""The vector-quantization layer and its parts (one concern per file)."""

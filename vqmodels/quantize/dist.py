@@ -1,0 +1,55 @@
+"""Collectives used by the quantizer to keep every rank's codebook identical.
+
+Each helper is a no-op without an initialised process group, so the layer runs unchanged on one
+device. Callers must reach every collective on every rank in the same order: decisions that
+guard a collective are taken from globally reduced values only, never from local data.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def rank() -> int:
+    return dist.get_rank() if is_distributed() else 0
+
+
+def all_reduce_(t: torch.Tensor, op: str = "sum") -> torch.Tensor:
+    """In-place all-reduce (sum or max); returns t for chaining."""
+    if is_distributed():
+        dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+    return t
+
+
+def broadcast_(t: torch.Tensor, src: int = 0) -> torch.Tensor:
+    """In-place broadcast from `src`; returns t."""
+    if is_distributed():
+        dist.broadcast(t, src=src)
+    return t
+
+
+def all_gather_rows(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate a (n_r, d) tensor from every rank (n_r may differ, 0 included), in rank order."""
+    if not is_distributed():
+        return x
+    n = torch.tensor([x.shape[0]], device=x.device, dtype=torch.long)
+    sizes = [torch.zeros_like(n) for _ in range(world_size())]
+    dist.all_gather(sizes, n)
+    sizes_l = [int(s.item()) for s in sizes]
+    longest = max(sizes_l)
+    if longest == 0:
+        return x[:0]
+    padded = x.new_zeros((longest, *x.shape[1:]))
+    padded[: x.shape[0]] = x
+    parts = [torch.empty_like(padded) for _ in sizes_l]
+    dist.all_gather(parts, padded)
+    return torch.cat([p[:s] for p, s in zip(parts, sizes_l, strict=True)])

@@ -1,0 +1,135 @@
+"""Every option of `VectorQuantizer`, its default, and the named presets.
+
+This module imports no torch on purpose: the job spec (and through it the service) builds its
+`quantizer:` section from these dataclass fields, so the names are defined in exactly one place.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Literal
+
+Estimator = Literal["ste", "rotation"]
+Affine = Literal["none", "learned", "running"]
+Codebook = Literal["plain", "simvq"]
+Update = Literal["gradient", "ema", "soft_em"]
+Distance = Literal["l2", "cosine"]
+
+
+@dataclass
+class QuantizerOptions:
+    """Options of `VectorQuantizer`; the defaults are a bare straight-through VQ layer (preset "plain")."""
+
+    beta: float = 0.95  # loss = (1-beta)*|z - sg(z_q)|^2 + beta*|sg(z) - z_q|^2
+    estimator: Estimator = "ste"  # gradient to z: straight-through, or the rotation trick (Fifty et al. 2024)
+    affine: Affine = "none"  # codebook used as scale*c + bias with shared parameters (Huh et al. 2023)
+    affine_groups: int = 1  # codes split into this many groups, each with its own scale/bias
+    affine_lr: float = 1.0  # learning-rate multiplier of the learned affine parameters
+    affine_momentum: float = 0.1  # EMA momentum of the running affine statistics
+    sync_nu: float = 0.0  # synchronised commitment: codebook also gets nu * task gradient at z_q
+    alternating: bool = False  # in-place codebook step on the commitment error before the task step
+    alternating_lr: float = 1.0  # step size of that in-place step (SGD on the mean squared error)
+    kmeans_init: bool = False  # k-means++ seeding + Lloyd on the first training batch(es)
+    kmeans_iters: int = 10  # Lloyd iterations after k-means++ seeding
+    kmeans_samples: int = 16384  # at most this many vectors (across all ranks) feed the k-means init
+    replace_every: int = 0  # steps; codes unused over the last window are replaced (0 = off)
+    replace_noise: float = 0.01  # perturbation of replacement vectors, relative to the inputs' std
+    codebook: Codebook = "plain"  # "simvq": frozen random codebook through one learned linear layer
+    update: Update = "gradient"  # "ema" (hard EM) or "soft_em" (Roy et al. 2018) update the codebook themselves
+    ema_decay: float = 0.99  # decay of the EMA counts and sums
+    ema_eps: float = 1e-5  # Laplace smoothing of the EMA counts
+    soft_em_samples: int = 8  # codes drawn per vector from softmax(-|z - e_k|^2 / T) in soft EM
+    soft_em_temperature: float = 1.0  # T of that softmax
+    distance: Distance = "l2"  # "cosine": vectors and codes are l2-normalised before matching
+    usage_window: int = 100  # steps over which "usage_window" and dead codes are counted
+    chunk_size: int = 4096  # rows per distance/argmin chunk (keeps the N x K block in cache)
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # bare straight-through VQ (van den Oord et al. 2017)
+    "plain": {},
+    # what a job gets when it names nothing; chosen by measurement (docs/BENCHMARKS.md, bench/vq_quality.py)
+    "default": {
+        "kmeans_init": True,
+        "affine": "running",
+        "sync_nu": 0.2,
+        "replace_every": 20,
+        "beta": 0.95,
+    },
+    # the classic recipe: EMA codebook, k-means init, dead-code replacement
+    "ema": {"update": "ema", "kmeans_init": True, "replace_every": 20},
+    # rotation-trick gradients on top of the default recipe
+    "rotation": {"estimator": "rotation", "kmeans_init": True, "affine": "running", "replace_every": 20},
+    # SimVQ: frozen codebook through one learned linear layer
+    "simvq": {"codebook": "simvq"},
+    # the paper's full recipe: learned affine, alternating optimisation, synchronised commitment, replacement
+    "huh2023": {
+        "affine": "learned",
+        "affine_lr": 10.0,
+        "alternating": True,
+        "sync_nu": 0.2,
+        "kmeans_init": True,
+        "replace_every": 20,
+        "beta": 0.98,
+    },
+}
+
+OPTION_NAMES = tuple(f.name for f in dataclasses.fields(QuantizerOptions))
+
+
+def resolve_options(preset: str | None = None, **options: Any) -> QuantizerOptions:
+    """Merge a preset with explicit options (explicit wins) and check every value.
+
+    Raises ValueError naming the offending option, so a bad spec fails before any training starts.
+    """
+    if preset is not None and preset not in PRESETS:
+        raise ValueError(f"preset: unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
+    unknown = sorted(set(options) - set(OPTION_NAMES))
+    if unknown:
+        raise ValueError(f"unknown quantizer option(s) {unknown}; known: {list(OPTION_NAMES)}")
+    merged = {**PRESETS.get(preset or "plain", {}), **options}
+    opts = QuantizerOptions(**merged)
+    validate(opts)
+    return opts
+
+
+def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name}: {value!r} is not one of {list(allowed)}")
+
+
+def validate(o: QuantizerOptions) -> None:
+    """Check ranges and combinations; each error names its option."""
+    _choice("estimator", o.estimator, ("ste", "rotation"))
+    _choice("affine", o.affine, ("none", "learned", "running"))
+    _choice("codebook", o.codebook, ("plain", "simvq"))
+    _choice("update", o.update, ("gradient", "ema", "soft_em"))
+    _choice("distance", o.distance, ("l2", "cosine"))
+    if not 0.0 <= o.beta <= 1.0:
+        raise ValueError(f"beta: must be in [0, 1], got {o.beta}")
+    if o.sync_nu < 0:
+        raise ValueError(f"sync_nu: must be >= 0, got {o.sync_nu}")
+    if o.affine_groups < 1:
+        raise ValueError(f"affine_groups: must be >= 1, got {o.affine_groups}")
+    if o.replace_every < 0:
+        raise ValueError(f"replace_every: must be >= 0 (0 = off), got {o.replace_every}")
+    if not 0.0 < o.ema_decay < 1.0:
+        raise ValueError(f"ema_decay: must be in (0, 1), got {o.ema_decay}")
+    if o.soft_em_samples < 1:
+        raise ValueError(f"soft_em_samples: must be >= 1, got {o.soft_em_samples}")
+    if o.kmeans_iters < 0 or o.kmeans_samples < 1:
+        raise ValueError("kmeans_iters must be >= 0 and kmeans_samples >= 1")
+    if o.chunk_size < 1 or o.usage_window < 1:
+        raise ValueError("chunk_size and usage_window must be >= 1")
+    if o.codebook == "simvq" and o.update != "gradient":
+        raise ValueError("update: SimVQ learns its projection by gradient; use update='gradient' with codebook='simvq'")
+    if o.codebook == "simvq" and o.affine != "none":
+        raise ValueError("affine: SimVQ's linear layer already re-parameterises the codebook; use affine='none'")
+    if o.alternating and o.update != "gradient":
+        raise ValueError("alternating: the in-place step is a gradient step; it needs update='gradient'")
+
+
+def options_dict(o: QuantizerOptions) -> dict[str, Any]:
+    """Plain-JSON form, stored in checkpoints so a model carries its quantizer config."""
+    return dataclasses.asdict(o)

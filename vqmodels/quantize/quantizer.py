@@ -1,0 +1,272 @@
+"""`VectorQuantizer`: one VQ layer carrying the known fixes for training VQ networks, correct under DDP.
+
+Every codebook change (k-means init, EMA, dead-code replacement, running affine statistics, the
+alternating step) is reduced or broadcast across ranks when a process group exists, so all ranks
+hold identical codebooks. Every rank enters the same collectives in the same order whatever its
+local batch (an empty one included): each branch that guards a collective depends only on the
+step counter or on globally reduced values. No collective runs in eval mode.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vqmodels.quantize import dist
+from vqmodels.quantize.codebook import Codebook
+from vqmodels.quantize.estimators import rotation_trick, straight_through, synchronised
+from vqmodels.quantize.kmeans import kmeans, nearest, sq_distances
+from vqmodels.quantize.options import QuantizerOptions, resolve_options
+
+NEVER = -(2**40)  # "last used" step of a code that was never used
+
+
+class QuantizerOutput(NamedTuple):
+    z_q: torch.Tensor  # quantised vectors, shaped like the input
+    indices: torch.Tensor  # long, input shape without the feature dimension
+    loss: torch.Tensor  # scalar: commitment + codebook terms
+    metrics: dict[str, torch.Tensor]  # detached 0-d tensors
+
+
+class VectorQuantizer(nn.Module):
+    """Vector quantizer over the last dimension.
+
+    `VectorQuantizer(dim, codebook_size, preset=None, **options)`: options are the fields of
+    `QuantizerOptions`; a preset fills in a named bundle and explicit options override it.
+    Works with a plain optimiser over `model.parameters()`: codebooks that EMA updates are buffers,
+    and the alternating step's codebook term is not applied a second time by the task loss.
+    """
+
+    def __init__(self, dim: int, codebook_size: int, preset: str | None = None, **options: Any):
+        super().__init__()
+        self.dim, self.codebook_size = dim, codebook_size
+        self.preset = preset
+        self.options: QuantizerOptions = resolve_options(preset, **options)
+        o = self.options
+        self.codebook = Codebook(dim, codebook_size, o)
+        self.register_buffer("step", torch.zeros((), dtype=torch.long))
+        self.register_buffer("initialised", torch.tensor(not o.kmeans_init))
+        self.register_buffer("last_used", torch.full((codebook_size,), NEVER, dtype=torch.long))
+        self.register_buffer("replaced_total", torch.zeros((), dtype=torch.long))
+        if o.update in ("ema", "soft_em"):
+            self.register_buffer("ema_count", torch.ones(codebook_size))
+            self.register_buffer("ema_sum", self.codebook.weight.detach().clone())
+        self._init_done = not o.kmeans_init
+
+    # -- public ------------------------------------------------------------------------------
+    def effective_codebook(self) -> torch.Tensor:
+        """The (K, dim) codebook that inputs are matched against and decoded from."""
+        with torch.autocast(self._device_type(), enabled=False):
+            c = self.codebook()
+            return F.normalize(c, dim=-1) if self.options.distance == "cosine" else c
+
+    def codes_to_vectors(self, indices: torch.Tensor) -> torch.Tensor:
+        """Decode indices (any shape) to vectors (..., dim) through the effective codebook."""
+        return F.embedding(indices, self.effective_codebook())
+
+    def forward(self, z: torch.Tensor) -> QuantizerOutput:
+        if z.shape[-1] != self.dim:
+            raise ValueError(f"VectorQuantizer expects features last with size {self.dim}, got shape {tuple(z.shape)}")
+        o, training = self.options, self.training
+        with torch.autocast(self._device_type(), enabled=False):  # distances and updates in fp32
+            flat = z.reshape(-1, self.dim).float()
+            if o.distance == "cosine":
+                flat = F.normalize(flat, dim=-1)
+            if training:
+                self.step += 1
+                if not self._init_done:
+                    self._kmeans_init(flat.detach())
+                if o.affine == "running":
+                    self._running_affine(flat.detach())
+            codebook = self.effective_codebook()
+            if training and o.update == "soft_em":
+                idx, z_q = self._soft_em(flat.detach(), codebook)
+            else:
+                with torch.no_grad():
+                    idx = nearest(flat.detach(), codebook.detach(), o.chunk_size)
+                if training and o.alternating:
+                    self._alternating_step(flat.detach(), idx)
+                    codebook = self.effective_codebook()
+                z_q = F.embedding(idx, codebook)
+            loss = self._loss(flat, z_q)
+            out = rotation_trick(flat, z_q) if o.estimator == "rotation" else straight_through(flat, z_q)
+            out = synchronised(out, z_q, o.sync_nu)
+            counts = torch.bincount(idx, minlength=self.codebook_size)
+            replaced = torch.zeros((), dtype=torch.long, device=z.device)
+            if training:
+                with torch.no_grad():
+                    if o.update == "ema":
+                        self._ema_update(flat.detach(), idx, counts)
+                    self._track_usage(counts)
+                    if o.replace_every and int(self.step) % o.replace_every == 0:
+                        replaced = self._replace_dead(flat.detach())
+            metrics = self._metrics(flat.detach(), z_q.detach(), counts, replaced)
+        return QuantizerOutput(out.view(z.shape).to(z.dtype), idx.view(z.shape[:-1]), loss, metrics)
+
+    # -- loss --------------------------------------------------------------------------------
+    def _loss(self, z: torch.Tensor, z_q: torch.Tensor) -> torch.Tensor:
+        o = self.options
+        if z.shape[0] == 0:
+            return z_q.sum() * 0.0  # connected to the graph, so DDP sees every parameter used
+        commit = F.mse_loss(z, z_q.detach())
+        # With alternating optimisation the codebook term was minimised in place already; keep it
+        # in the graph with weight 0 so DDP still sees the codebook parameters.
+        cb_weight = 0.0 if o.alternating else o.beta
+        return (1.0 - o.beta) * commit + cb_weight * F.mse_loss(z.detach(), z_q)
+
+    # -- codebook updates --------------------------------------------------------------------
+    @torch.no_grad()
+    def _kmeans_init(self, z: torch.Tensor) -> None:
+        o = self.options
+        cap = max(1, math.ceil(o.kmeans_samples / dist.world_size()))
+        local = z[torch.randperm(z.shape[0], device=z.device)[:cap]] if z.shape[0] > cap else z
+        pool = dist.all_gather_rows(local.contiguous())
+        if pool.shape[0] == 0:  # no rank had data: the same decision on every rank
+            return
+        centres = torch.empty(self.codebook_size, self.dim, device=z.device)
+        if dist.rank() == 0:
+            gen = torch.Generator().manual_seed(int(self.step))
+            centres = kmeans(pool, self.codebook_size, o.kmeans_iters, o.distance == "cosine", gen, o.chunk_size)
+        dist.broadcast_(centres)
+        self.codebook.set_all(centres)
+        if o.update in ("ema", "soft_em"):
+            self.ema_sum.copy_(self.codebook.weight)
+            self.ema_count.fill_(1.0)
+        self.initialised.fill_(True)
+        self._init_done = True
+
+    @torch.no_grad()
+    def _running_affine(self, z: torch.Tensor) -> None:
+        stats = torch.cat([z.sum(0), z.pow(2).sum(0), z.new_tensor([z.shape[0]])])
+        dist.all_reduce_(stats)
+        d = self.dim
+        self.codebook.update_running_stats(stats[:d], stats[d : 2 * d], stats[2 * d])
+
+    @torch.no_grad()
+    def _ema_update(self, z: torch.Tensor, idx: torch.Tensor, counts: torch.Tensor) -> None:
+        """Hard EM as moving averages: counts and sums of assigned vectors (all-reduced), with
+        Laplace smoothing of the counts. Sums are taken in raw codebook space (inverse affine)."""
+        raw = self.codebook.to_raw(z, idx)
+        sums = torch.zeros(self.codebook_size, self.dim, device=z.device).index_add_(0, idx, raw)
+        self._ema_apply(counts.float(), sums)
+
+    @torch.no_grad()
+    def _ema_apply(self, counts: torch.Tensor, sums: torch.Tensor) -> None:
+        o = self.options
+        packed = torch.cat([counts[:, None], sums], 1)
+        dist.all_reduce_(packed)
+        self.ema_count.lerp_(packed[:, 0], 1 - o.ema_decay)
+        self.ema_sum.lerp_(packed[:, 1:], 1 - o.ema_decay)
+        n = self.ema_count.sum()
+        smoothed = (self.ema_count + o.ema_eps) / (n + self.codebook_size * o.ema_eps) * n
+        self.codebook.weight.copy_(self.ema_sum / smoothed[:, None])
+
+    def _soft_em(self, z: torch.Tensor, codebook: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Soft EM (Roy et al. 2018): draw m codes per vector from softmax(-|z - e_k|^2 / T), output
+        their mean, and update the codebook by EMA on the soft counts. Indices are the argmax."""
+        o = self.options
+        with torch.no_grad():
+            probs = torch.softmax(-sq_distances(z, codebook.detach()) / o.soft_em_temperature, dim=1)
+            idx = probs.argmax(1)
+            if z.shape[0]:
+                draws = torch.multinomial(probs, o.soft_em_samples, replacement=True)  # (N, m)
+            else:
+                draws = idx.new_zeros((0, o.soft_em_samples))
+            weights = torch.zeros_like(probs).scatter_add_(1, draws, torch.ones_like(draws, dtype=probs.dtype))
+            weights /= o.soft_em_samples
+            raw = self.codebook.to_raw(z, idx)  # soft counts and sums in raw space
+            self._ema_apply(weights.sum(0), weights.t() @ raw)
+        z_q = weights @ codebook  # mean of the drawn codes (codebook as it was when drawn)
+        return idx, z_q
+
+    def _alternating_step(self, z: torch.Tensor, idx: torch.Tensor) -> None:
+        """One in-place SGD step of the codebook parameters on the commitment error for the current
+        assignment (Huh et al. 2023), before the task step. Gradients are summed over ranks."""
+        params = self.codebook.trainable()
+        with torch.enable_grad():
+            err = (F.embedding(idx, self.effective_codebook()) - z).pow(2).sum() * 0.5
+            grads = torch.autograd.grad(err, params, allow_unused=True)
+        flat = torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(grads, params, strict=True)])
+        packed = torch.cat([flat, flat.new_tensor([z.shape[0]])])
+        dist.all_reduce_(packed)
+        n = packed[-1].clamp_min(1.0)
+        offset = 0
+        # Step the learned affine parameters in their effective units (scale = 1 + affine_lr * s):
+        # without the 1/affine_lr^2 the lr multiplier would enter twice and the step explode.
+        affine = {id(getattr(self.codebook, a, None)) for a in ("affine_scale", "affine_bias")}
+        with torch.no_grad():
+            for p in params:
+                g = packed[offset : offset + p.numel()].view_as(p)
+                lr = self.options.alternating_lr / (self.options.affine_lr**2 if id(p) in affine else 1.0)
+                p.sub_(lr * g / n)
+                offset += p.numel()
+
+    @torch.no_grad()
+    def _track_usage(self, counts: torch.Tensor) -> None:
+        self.last_used[counts > 0] = self.step
+
+    @torch.no_grad()
+    def _replace_dead(self, z: torch.Tensor) -> torch.Tensor:
+        """Replace codes unused over the last `replace_every` steps (usage reduced over ranks) by
+        perturbed recent inputs, chosen once on rank 0 and broadcast."""
+        o = self.options
+        dist.all_reduce_(self.last_used, op="max")
+        dead = (self.step - self.last_used) >= o.replace_every
+        n_dead = int(dead.sum())
+        if n_dead == 0:  # last_used is global now: every rank takes this branch together
+            return torch.zeros((), dtype=torch.long, device=z.device)
+        pool = dist.all_gather_rows(z[torch.randperm(z.shape[0], device=z.device)[:4096]].contiguous())
+        if pool.shape[0] == 0:
+            return torch.zeros((), dtype=torch.long, device=z.device)
+        targets = torch.empty(n_dead, self.dim, device=z.device)
+        if dist.rank() == 0:
+            pick = torch.randint(pool.shape[0], (n_dead,), device=z.device)
+            std = pool.std(0, unbiased=False) if pool.shape[0] > 1 else pool.new_ones(self.dim)
+            targets = pool[pick] + o.replace_noise * std * torch.randn_like(pool[pick])
+        dist.broadcast_(targets)
+        if o.distance == "cosine":
+            targets = F.normalize(targets, dim=-1)
+        codes = dead.nonzero().squeeze(1)
+        self.codebook.set_codes(codes, targets)
+        if o.update in ("ema", "soft_em"):
+            self.ema_sum[codes] = self.codebook.weight[codes]
+            self.ema_count[codes] = 1.0
+        self.last_used[codes] = self.step
+        self.replaced_total += n_dead
+        return torch.tensor(n_dead, device=z.device)
+
+    # -- metrics -----------------------------------------------------------------------------
+    @torch.no_grad()
+    def _metrics(self, z: torch.Tensor, z_q: torch.Tensor, counts: torch.Tensor, replaced: torch.Tensor) -> dict:
+        n = counts.sum().clamp_min(1)
+        p = counts.float() / n
+        entropy = -(p * torch.log(p.clamp_min(1e-12))).sum()
+        age = self.step - self.last_used
+        window = self.options.replace_every or self.options.usage_window
+        err = (z - z_q).pow(2).sum(-1).mean() if z.shape[0] else z.new_zeros(())
+        return {
+            "usage": (counts > 0).float().mean(),
+            "usage_window": (age < self.options.usage_window).float().mean(),
+            "perplexity": entropy.exp(),
+            "dead_codes": (age >= window).sum(),
+            "quant_error": err,
+            "replaced": replaced,
+        }
+
+    # -- plumbing ----------------------------------------------------------------------------
+    def _device_type(self) -> str:
+        return self.step.device.type
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # noqa: ANN001
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._init_done = bool(self.initialised)
+
+    def extra_repr(self) -> str:
+        changed = {
+            k: v for k, v in vars(self.options).items() if v != getattr(QuantizerOptions, k, v)
+        }
+        return f"dim={self.dim}, codebook_size={self.codebook_size}, preset={self.preset!r}, {changed}"
