@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from vqmodels.quantize import dist
 from vqmodels.quantize.options import QuantizerOptions
 
 
@@ -89,12 +90,14 @@ class Codebook(nn.Module):
     def set_codes(self, codes: torch.Tensor, vectors: torch.Tensor) -> None:
         """Make the effective codes `codes` equal `vectors` (given in effective space)."""
         raw = self.to_raw(vectors, codes)
+        # .data: a replacement inside the forward must not invalidate the graph built so far
+        # (replaced codes had no assignment, so no gradient depends on their old values)
         if self.opts.codebook == "simvq":
             # C[codes] W^T = raw  =>  C[codes] = raw (W^T)^+
-            self.frozen[codes] = raw @ torch.linalg.pinv(self.proj.weight.t())
+            # LAPACK results can depend on memory alignment: solve on rank 0, broadcast the rows
+            rows = raw @ torch.linalg.pinv(self.proj.weight.t())
+            self.frozen.data[codes] = dist.broadcast_(rows.contiguous())
         else:
-            # .data: a replacement inside the forward must not invalidate the graph built so far
-            # (replaced codes had no assignment, so no gradient depends on their old values)
             self.weight.data[codes] = raw
 
     @torch.no_grad()
@@ -110,7 +113,7 @@ class Codebook(nn.Module):
         if self.opts.codebook == "simvq":
             # least squares: frozen @ W^T = vectors
             w_t = torch.linalg.lstsq(self.frozen.float(), vectors.float()).solution
-            self.proj.weight.copy_(w_t.t())
+            self.proj.weight.copy_(dist.broadcast_(w_t.t().contiguous()))  # one rank's solve for all
             return
         self.set_codes(torch.arange(self.size, device=vectors.device), vectors)
 

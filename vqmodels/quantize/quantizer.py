@@ -56,12 +56,14 @@ class VectorQuantizer(nn.Module):
             self.register_buffer("ema_count", torch.ones(codebook_size))
             self.register_buffer("ema_sum", self.codebook.weight.detach().clone())
         self._init_done = not o.kmeans_init
+        self._synced = False  # rank 0's random init is broadcast at the first training forward
 
     # -- public ------------------------------------------------------------------------------
     def effective_codebook(self) -> torch.Tensor:
         """The (K, dim) codebook that inputs are matched against and decoded from."""
         with torch.autocast(self._device_type(), enabled=False):
             c = self.codebook()
+            c = c.to(torch.promote_types(c.dtype, torch.float32))
             return F.normalize(c, dim=-1) if self.options.distance == "cosine" else c
 
     def codes_to_vectors(self, indices: torch.Tensor) -> torch.Tensor:
@@ -73,10 +75,13 @@ class VectorQuantizer(nn.Module):
             raise ValueError(f"VectorQuantizer expects features last with size {self.dim}, got shape {tuple(z.shape)}")
         o, training = self.options, self.training
         with torch.autocast(self._device_type(), enabled=False):  # distances and updates in fp32
-            flat = z.reshape(-1, self.dim).float()
+            dtype = torch.promote_types(self._codebook_dtype(), torch.float32)
+            flat = z.reshape(-1, self.dim).to(dtype)
             if o.distance == "cosine":
                 flat = F.normalize(flat, dim=-1)
             if training:
+                if not self._synced:
+                    self._broadcast_state()
                 self.step += 1
                 if not self._init_done:
                     self._kmeans_init(flat.detach())
@@ -138,6 +143,14 @@ class VectorQuantizer(nn.Module):
             self.ema_count.fill_(1.0)
         self.initialised.fill_(True)
         self._init_done = True
+
+    @torch.no_grad()
+    def _broadcast_state(self) -> None:
+        """Start every rank from rank 0's codebook (random init, frozen SimVQ basis, buffers): DDP
+        syncs parameters at wrap time but not buffers with broadcast_buffers=False."""
+        for t in [*self.parameters(), *self.buffers()]:
+            dist.broadcast_(t.data)
+        self._synced = True
 
     @torch.no_grad()
     def _running_affine(self, z: torch.Tensor) -> None:
@@ -258,6 +271,9 @@ class VectorQuantizer(nn.Module):
         }
 
     # -- plumbing ----------------------------------------------------------------------------
+    def _codebook_dtype(self) -> torch.dtype:
+        return self.codebook.frozen.dtype if self.options.codebook == "simvq" else self.codebook.weight.dtype
+
     def _device_type(self) -> str:
         return self.step.device.type
 
