@@ -170,6 +170,12 @@ def test_alternating_step_reduces_commitment_error():
     assert torch.equal(out.indices.flatten(), idx)
     err_after = (out.z_q.detach() - z).pow(2).sum(1).mean()
     assert err_after < err_before
+    # with step 1 the preconditioned step on a plain codebook is exactly a Lloyd step
+    lloyd = VectorQuantizer(8, 32, alternating=True, alternating_lr=1.0)
+    lloyd.load_state_dict(base.state_dict())
+    lloyd(z)
+    for k in idx.unique():
+        assert torch.allclose(lloyd.codebook.weight[k], z[idx == k].mean(0), atol=1e-5)
     # the codebook term is not applied twice: the task loss gives the codebook no commitment gradient
     out.loss.backward()
     assert torch.count_nonzero(alt.codebook.weight.grad) == 0

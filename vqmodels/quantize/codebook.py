@@ -85,6 +85,27 @@ class Codebook(nn.Module):
     def trainable(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
 
+    @torch.no_grad()
+    def gauss_newton_diag(self, counts: torch.Tensor) -> dict[int, torch.Tensor]:
+        """Diagonal of the Gauss-Newton matrix of 1/2 sum_i |c'_{k(i)} - z_i|^2 for each trainable
+        parameter (keyed by id), given the number of vectors assigned to each code."""
+        out: dict[int, torch.Tensor] = {}
+        raw = self.raw().detach()
+        ab = self.affine_params()
+        n = counts.view(self.groups, -1, 1)  # (G, K/G, 1)
+        if self.opts.codebook == "simvq":
+            # c'_k = W C_k: d c'_ki / d W_ij = C_kj
+            out[id(self.proj.weight)] = (counts[:, None] * self.frozen.pow(2)).sum(0)[None, :]
+        elif isinstance(self.weight, nn.Parameter):
+            scale2 = ab[0].detach().pow(2)[:, None] if ab is not None else raw.new_ones(1, 1, 1)
+            out[id(self.weight)] = (n * scale2).expand(self.groups, -1, self.dim).reshape(self.size, self.dim)
+        if self.opts.affine == "learned":
+            lr2 = self.opts.affine_lr**2
+            grouped = raw.view(self.groups, -1, self.dim)
+            out[id(self.affine_scale)] = lr2 * (n * grouped.pow(2)).sum(1)
+            out[id(self.affine_bias)] = lr2 * n.sum(1).expand(-1, self.dim)
+        return out
+
     # -- writing (no autograd) -----------------------------------------------------------------
     @torch.no_grad()
     def set_codes(self, codes: torch.Tensor, vectors: torch.Tensor) -> None:

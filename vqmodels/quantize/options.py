@@ -29,7 +29,7 @@ class QuantizerOptions:
     affine_momentum: float = 0.1  # EMA momentum of the running affine statistics
     sync_nu: float = 0.0  # synchronised commitment: codebook also gets nu * task gradient at z_q
     alternating: bool = False  # in-place codebook step on the commitment error before the task step
-    alternating_lr: float = 1.0  # step size of that in-place step (SGD on the mean squared error)
+    alternating_lr: float = 0.5  # step of that in-place step, as a fraction of the Gauss-Newton step
     kmeans_init: bool = False  # k-means++ seeding + Lloyd on the first training batch(es)
     kmeans_iters: int = 10  # Lloyd iterations after k-means++ seeding
     kmeans_samples: int = 16384  # at most this many vectors (across all ranks) feed the k-means init

@@ -197,25 +197,28 @@ class VectorQuantizer(nn.Module):
         return idx, z_q
 
     def _alternating_step(self, z: torch.Tensor, idx: torch.Tensor) -> None:
-        """One in-place SGD step of the codebook parameters on the commitment error for the current
-        assignment (Huh et al. 2023), before the task step. Gradients are summed over ranks."""
+        """One in-place step of the codebook parameters on the commitment error for the current
+        assignment (Huh et al. 2023), before the task step.
+
+        The step is preconditioned by the Gauss-Newton diagonal of that least-squares error, so it
+        is scale-free: with alternating_lr=1 a plain code moves exactly to the mean of its vectors
+        (a Lloyd step), and affine / SimVQ parameters take the matching Newton step. Gradients and
+        counts are summed over ranks, so every rank takes the same step.
+        """
         params = self.codebook.trainable()
         with torch.enable_grad():
             err = (F.embedding(idx, self.effective_codebook()) - z).pow(2).sum() * 0.5
             grads = torch.autograd.grad(err, params, allow_unused=True)
-        flat = torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(grads, params, strict=True)])
-        packed = torch.cat([flat, flat.new_tensor([z.shape[0]])])
-        dist.all_reduce_(packed)
-        n = packed[-1].clamp_min(1.0)
+        counts = torch.bincount(idx, minlength=self.codebook_size).to(z.dtype)
+        flat = [(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(grads, params, strict=True)]
+        packed = dist.all_reduce_(torch.cat([*flat, counts]))
+        curvature = self.codebook.gauss_newton_diag(packed[-self.codebook_size :])
         offset = 0
-        # Step the learned affine parameters in their effective units (scale = 1 + affine_lr * s):
-        # without the 1/affine_lr^2 the lr multiplier would enter twice and the step explode.
-        affine = {id(getattr(self.codebook, a, None)) for a in ("affine_scale", "affine_bias")}
         with torch.no_grad():
             for p in params:
                 g = packed[offset : offset + p.numel()].view_as(p)
-                lr = self.options.alternating_lr / (self.options.affine_lr**2 if id(p) in affine else 1.0)
-                p.sub_(lr * g / n)
+                h = curvature[id(p)].expand_as(p)
+                p.sub_(self.options.alternating_lr * g / h.clamp_min(1e-8))
                 offset += p.numel()
 
     @torch.no_grad()
