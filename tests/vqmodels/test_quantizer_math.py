@@ -281,3 +281,24 @@ def test_cross_check_nearest_against_cdist():
     z, c = torch.randn(5000, 16), torch.randn(300, 16)
     assert torch.equal(nearest(z, c, chunk_size=777), torch.cdist(z, c).argmin(1))
     assert F.normalize(c, dim=1).shape == c.shape
+
+
+@pytest.mark.parametrize("beta,w_cb,nu", [(0.95, 0.95, 0.0), (0.25, 0.25, 0.2), (0.5, 0.0, 0.7)])
+def test_fused_straight_through_equals_composed(beta, w_cb, nu):
+    from vqmodels.quantize.estimators import fused_straight_through, straight_through, synchronised
+
+    z = torch.randn(30, 6, dtype=torch.float64)
+    c = torch.randn(30, 6, dtype=torch.float64)
+    g = torch.randn(30, 6, dtype=torch.float64)
+    results = []
+    for fused in (True, False):
+        zz, cc = z.clone().requires_grad_(True), c.clone().requires_grad_(True)
+        if fused:
+            out, loss, _ = fused_straight_through(zz, cc, beta, w_cb, nu)
+        else:
+            out = synchronised(straight_through(zz, cc), cc, nu)
+            loss = (1 - beta) * F.mse_loss(zz, cc.detach()) + w_cb * F.mse_loss(zz.detach(), cc)
+        ((out * g).sum() + 3.0 * loss).backward()
+        results.append((out.detach(), loss.detach(), zz.grad, cc.grad))
+    for a, b in zip(*results, strict=True):
+        assert torch.allclose(a, b, atol=1e-12)

@@ -38,3 +38,43 @@ def synchronised(out: torch.Tensor, z_q: torch.Tensor, nu: float) -> torch.Tenso
     if nu <= 0:
         return out
     return out + nu * (z_q - z_q.detach())
+
+
+class _FusedSTE(torch.autograd.Function):
+    """Straight-through output, VQ loss and synchronised commitment in one autograd node.
+
+    Equal in value and gradient to `synchronised(straight_through(z, z_q), z_q, nu)` plus
+    `(1-beta)*mse(z, sg(z_q)) + w_cb*mse(sg(z), z_q)`, but with one N x D difference instead of
+    the half-dozen temporaries of the composed form: the layer's cost beyond the distance matmul
+    is a few passes over N x D.
+    """
+
+    @staticmethod
+    def forward(ctx, z, z_q, beta: float, w_cb: float, nu: float):  # noqa: ANN001, ANN205
+        diff = z - z_q
+        mse = diff.pow(2).mean()
+        ctx.save_for_backward(diff)
+        ctx.consts = (beta, w_cb, nu)
+        ctx.mark_non_differentiable(mse)
+        # both loss terms have the value |z - z_q|^2; their weights add up
+        return z_q.view_as(z_q), mse * ((1.0 - beta) + w_cb), mse
+
+    @staticmethod
+    def backward(ctx, g_out, g_loss, _g_mse):  # noqa: ANN001, ANN205
+        (diff,) = ctx.saved_tensors
+        beta, w_cb, nu = ctx.consts
+        scale = 2.0 * g_loss / max(diff.numel(), 1)
+        grad_z = diff * (scale * (1.0 - beta))
+        grad_q = diff * (-scale * w_cb)
+        if g_out is not None:
+            grad_z += g_out
+            if nu:
+                grad_q.add_(g_out, alpha=nu)
+        return grad_z, grad_q, None, None, None
+
+
+def fused_straight_through(
+    z: torch.Tensor, z_q: torch.Tensor, beta: float, w_cb: float, nu: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(output, loss, mean squared error per element) for the straight-through estimator."""
+    return _FusedSTE.apply(z, z_q, beta, w_cb, nu)

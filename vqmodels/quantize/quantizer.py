@@ -18,7 +18,7 @@ from torch import nn
 
 from vqmodels.quantize import dist
 from vqmodels.quantize.codebook import Codebook
-from vqmodels.quantize.estimators import rotation_trick, straight_through, synchronised
+from vqmodels.quantize.estimators import fused_straight_through, rotation_trick, straight_through, synchronised
 from vqmodels.quantize.kmeans import kmeans, nearest, sq_distances
 from vqmodels.quantize.options import QuantizerOptions, resolve_options
 
@@ -97,9 +97,15 @@ class VectorQuantizer(nn.Module):
                     self._alternating_step(flat.detach(), idx)
                     codebook = self.effective_codebook()
                 z_q = F.embedding(idx, codebook)
-            loss = self._loss(flat, z_q)
-            out = rotation_trick(flat, z_q) if o.estimator == "rotation" else straight_through(flat, z_q)
-            out = synchronised(out, z_q, o.sync_nu)
+            # With alternating optimisation the codebook term was minimised in place already: it is
+            # kept in the graph with weight 0 so that DDP still sees the codebook parameters.
+            cb_weight = 0.0 if o.alternating else o.beta
+            if o.estimator == "ste" and flat.shape[0] > 0:
+                out, loss, mse = fused_straight_through(flat, z_q, o.beta, cb_weight, o.sync_nu)
+            else:
+                loss, mse = self._loss(flat, z_q, cb_weight)
+                out = rotation_trick(flat, z_q) if o.estimator == "rotation" else straight_through(flat, z_q)
+                out = synchronised(out, z_q, o.sync_nu)
             counts = torch.bincount(idx, minlength=self.codebook_size)
             replaced = torch.zeros((), dtype=torch.long, device=z.device)
             if training:
@@ -109,19 +115,18 @@ class VectorQuantizer(nn.Module):
                     self._track_usage(counts)
                     if o.replace_every and int(self.step) % o.replace_every == 0:
                         replaced = self._replace_dead(flat.detach())
-            metrics = self._metrics(flat.detach(), z_q.detach(), counts, replaced)
+            metrics = self._metrics(mse * self.dim, counts, replaced)
         return QuantizerOutput(out.view(z.shape).to(z.dtype), idx.view(z.shape[:-1]), loss, metrics)
 
     # -- loss --------------------------------------------------------------------------------
-    def _loss(self, z: torch.Tensor, z_q: torch.Tensor) -> torch.Tensor:
-        o = self.options
+    def _loss(self, z: torch.Tensor, z_q: torch.Tensor, cb_weight: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """(VQ loss, detached mean squared error per element), composed from autograd ops."""
         if z.shape[0] == 0:
-            return z_q.sum() * 0.0  # connected to the graph, so DDP sees every parameter used
+            zero = z_q.sum() * 0.0  # connected to the graph, so DDP sees every parameter used
+            return zero, zero.detach()
         commit = F.mse_loss(z, z_q.detach())
-        # With alternating optimisation the codebook term was minimised in place already; keep it
-        # in the graph with weight 0 so DDP still sees the codebook parameters.
-        cb_weight = 0.0 if o.alternating else o.beta
-        return (1.0 - o.beta) * commit + cb_weight * F.mse_loss(z.detach(), z_q)
+        loss = (1.0 - self.options.beta) * commit + cb_weight * F.mse_loss(z.detach(), z_q)
+        return loss, commit.detach()
 
     # -- codebook updates --------------------------------------------------------------------
     @torch.no_grad()
@@ -257,19 +262,18 @@ class VectorQuantizer(nn.Module):
 
     # -- metrics -----------------------------------------------------------------------------
     @torch.no_grad()
-    def _metrics(self, z: torch.Tensor, z_q: torch.Tensor, counts: torch.Tensor, replaced: torch.Tensor) -> dict:
+    def _metrics(self, quant_error: torch.Tensor, counts: torch.Tensor, replaced: torch.Tensor) -> dict:
         n = counts.sum().clamp_min(1)
         p = counts.float() / n
         entropy = -(p * torch.log(p.clamp_min(1e-12))).sum()
         age = self.step - self.last_used
         window = self.options.replace_every or self.options.usage_window
-        err = (z - z_q).pow(2).sum(-1).mean() if z.shape[0] else z.new_zeros(())
         return {
             "usage": (counts > 0).float().mean(),
             "usage_window": (age < self.options.usage_window).float().mean(),
             "perplexity": entropy.exp(),
             "dead_codes": (age >= window).sum(),
-            "quant_error": err,
+            "quant_error": quant_error,  # mean over vectors of |z - z_q|^2
             "replaced": replaced,
         }
 

@@ -1,0 +1,145 @@
+"""Forward+backward time of the VQ layer against the floor every VQ layer pays: the bare distance
+matmul z @ C^T (N*D*K multiply-adds). Also times vector-quantize-pytorch's counterparts (optional
+bench dependency) in the same process, interleaved round by round so machine load hits all alike.
+
+    .venv/bin/python bench/vq_speed.py                # N=16384, dim 64, 1024 codes, fp32 CPU
+    .venv/bin/python bench/vq_speed.py --rounds 30 --threads 2
+
+Prints one JSON document: per configuration the median seconds and the ratio to the floor.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+from vqmodels import VectorQuantizer
+from vqmodels.quantize.kmeans import nearest
+
+OURS: dict[str, dict] = {
+    "ours/plain": {"preset": "plain"},
+    "ours/default": {"preset": "default"},
+    "ours/ema": {"update": "ema"},
+    "ours/rotation": {"estimator": "rotation"},
+    "ours/simvq": {"codebook": "simvq"},
+    "ours/affine_learned": {"affine": "learned"},
+    "ours/affine_running": {"affine": "running"},
+    "ours/sync_nu": {"sync_nu": 0.2},
+    "ours/alternating": {"alternating": True},
+    "ours/replace_every_20": {"replace_every": 20},
+    "ours/cosine": {"distance": "cosine"},
+    "ours/soft_em": {"update": "soft_em"},
+    "ours/huh2023": {"preset": "huh2023"},
+}
+
+
+def _vqp_configs(dim: int, codes: int) -> dict[str, Callable[[], torch.nn.Module]]:
+    try:
+        import vector_quantize_pytorch as vqp
+    except ImportError:
+        return {}
+    return {
+        "vqp/ema": lambda: vqp.VectorQuantize(dim, codes, decay=0.99),
+        "vqp/ema_kmeans_expiry": lambda: vqp.VectorQuantize(
+            dim, codes, decay=0.99, kmeans_init=True, threshold_ema_dead_code=2
+        ),
+        "vqp/rotation": lambda: vqp.VectorQuantize(dim, codes, decay=0.99, rotation_trick=True),
+        "vqp/gradient": lambda: vqp.VectorQuantize(dim, codes, learnable_codebook=True, ema_update=False),
+        "vqp/cosine": lambda: vqp.VectorQuantize(dim, codes, decay=0.99, use_cosine_sim=True),
+        "vqp/simvq": lambda: vqp.SimVQ(dim, codes),
+    }
+
+
+def _step_fn(module: torch.nn.Module, z: torch.Tensor, g: torch.Tensor, ours: bool) -> Callable[[], None]:
+    params = [p for p in module.parameters() if p.requires_grad]
+
+    def step() -> None:
+        zz = z.detach().requires_grad_(True)
+        out = module(zz)
+        if ours:
+            loss = (out.z_q * g).sum() + out.loss
+        else:
+            quantized, loss_vq = out[0], out[-1]
+            loss = (quantized * g).sum() + loss_vq.sum()
+        loss.backward()
+        for p in params:
+            p.grad = None
+
+    return step
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--n", type=int, default=16384)
+    ap.add_argument("--dim", type=int, default=64)
+    ap.add_argument("--codes", type=int, default=1024)
+    ap.add_argument("--rounds", type=int, default=15)
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--only", default="", help="comma-separated configuration names")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    z = torch.randn(args.n, args.dim)
+    g = torch.randn(args.n, args.dim)
+    codebook = torch.randn(args.codes, args.dim)
+
+    steps: dict[str, Callable[[], None]] = {
+        "floor/matmul": lambda: z @ codebook.t(),
+        "unchunked/dist_argmin_gather": lambda: codebook[
+            (codebook.pow(2).sum(1) - 2 * z @ codebook.t()).argmin(1)
+        ],
+        "chunked/dist_argmin_gather": lambda: codebook[nearest(z, codebook)],
+    }
+    for name, opts in OURS.items():
+        q = VectorQuantizer(args.dim, args.codes, **opts)
+        q.train()
+        q(z[:4096])  # warm-up step: k-means init and first-call costs are not steady-state
+        steps[name] = _step_fn(q, z, g, ours=True)
+    for name, make in _vqp_configs(args.dim, args.codes).items():
+        m = make()
+        m.train()
+        _step_fn(m, z[None], g[None], ours=False)()
+        steps[name] = _step_fn(m, z[None], g[None], ours=False)
+    if args.only:
+        keep = set(args.only.split(",")) | {"floor/matmul"}
+        steps = {k: v for k, v in steps.items() if k in keep}
+
+    times: dict[str, list[float]] = {k: [] for k in steps}
+    for fn in steps.values():  # warm-up
+        fn()
+    for _ in range(args.rounds):  # interleaved: every configuration once per round
+        for name, fn in steps.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    floor = statistics.median(times["floor/matmul"])
+    results = {
+        name: {"median_s": round(statistics.median(t), 5), "x_floor": round(statistics.median(t) / floor, 2)}
+        for name, t in times.items()
+    }
+    print(
+        json.dumps(
+            {
+                "bench": "vq_speed",
+                "n": args.n,
+                "dim": args.dim,
+                "codes": args.codes,
+                "threads": args.threads,
+                "rounds": args.rounds,
+                "torch": torch.__version__,
+                "machine": platform.processor() or platform.machine(),
+                "results": results,
+            },
+            indent=1,
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,131 @@
+"""The image loader the training jobs call: shards -> (images in [-1, 1], labels) batches per rank.
+
+    loader = make_image_loader("s3://bucket/cifar/manifest.json", image_size=32, batch_size=128,
+                               rank=ctx.get_world_rank(), world_size=ctx.get_world_size(),
+                               storage_options={"endpoint_url": ...})
+    for epoch in range(epochs):
+        loader.set_epoch(epoch)
+        for images, labels in loader:      # exactly len(loader) batches on every rank
+            ...
+        metrics["data/skipped"] = loader.skipped
+
+See `jobs.data.stream` for how equal batch counts and exact eval counts are guaranteed.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import random
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+from PIL import Image
+
+from jobs.data.manifest import resolve_shards
+from jobs.data.shards import IMAGE_EXTS
+from jobs.data.stream import ShardLoader, ShardStream, dist_info
+
+
+class Batch(NamedTuple):
+    """images: float B×3×S×S in [-1, 1]; labels: long B (-1 marks padded/undecodable eval positions)."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+
+    @property
+    def valid(self) -> torch.Tensor:
+        """Bool mask of real samples (all True in training batches)."""
+        return self.labels >= 0
+
+
+class ImageDecoder:
+    """Raw sample -> (3×S×S float tensor in [-1, 1], class id): shorter side to S, centre crop."""
+
+    def __init__(self, image_size: int, random_flip: bool = False, require_label: bool = True):
+        if image_size < 1:
+            raise ValueError(f"image_size must be positive, got {image_size}")
+        self.size, self.random_flip, self.require_label = image_size, random_flip, require_label
+
+    def __call__(self, sample: dict[str, Any], rng: random.Random) -> tuple[torch.Tensor, int]:
+        ext = next((e for e in IMAGE_EXTS if e in sample), None)
+        if ext is None:
+            raise ValueError(f"sample {sample.get('__key__')} has no image (jpg/jpeg/png/webp)")
+        if "cls" in sample:
+            label = int(sample["cls"])
+            if label < 0:
+                raise ValueError(f"negative class id {label}")
+        elif self.require_label:
+            raise ValueError(f"sample {sample.get('__key__')} has no cls")
+        else:
+            label = 0
+        s = self.size
+        im = Image.open(io.BytesIO(sample[ext]))  # in-memory: nothing to close
+        if im.format == "JPEG":
+            im.draft("RGB", (s, s))  # let libjpeg downscale large images while decoding
+        if im.mode != "RGB":
+            im = im.convert("RGB")
+        w, h = im.size
+        if (w, h) != (s, s):
+            scale = s / min(w, h)
+            nw, nh = max(s, round(w * scale)), max(s, round(h * scale))
+            if (nw, nh) != (w, h):
+                im = im.resize((nw, nh), Image.Resampling.BICUBIC, reducing_gap=3.0)
+            left, top = (nw - s) // 2, (nh - s) // 2
+            im = im.crop((left, top, left + s, top + s))
+        if self.random_flip and rng.random() < 0.5:
+            im = im.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        arr = np.array(im, dtype=np.uint8)
+        x = torch.from_numpy(arr).permute(2, 0, 1).float().div_(127.5).sub_(1.0)
+        return x, label
+
+    def placeholder(self) -> torch.Tensor:
+        return torch.zeros(3, self.size, self.size)
+
+
+def make_image_loader(
+    source: str | Sequence[str],
+    *,
+    image_size: int,
+    batch_size: int,
+    train: bool = True,
+    rank: int | None = None,
+    world_size: int | None = None,
+    num_workers: int = 2,
+    seed: int = 0,
+    shuffle_buffer: int = 1000,
+    epoch_batches: int | None = None,
+    random_flip: bool = False,
+    storage_options: dict[str, Any] | None = None,
+    allowed_roots: Sequence[str | os.PathLike] | None = None,
+    retries: int = 3,
+    timeout: float = 300.0,
+    pin_memory: bool = False,
+) -> ShardLoader:
+    """Build the per-rank image loader.
+
+    source: a brace pattern (`s3://b/p/train-{000000..000009}.tar`), a list, a folder/prefix, or a
+    `manifest.json`. train=True streams endlessly-resampled shards with a shuffle buffer and yields exactly
+    `epoch_batches` batches (default: manifest samples // (world_size × batch_size)); train=False yields
+    every sample once, split across ranks, padding marked by label -1. rank/world_size default to
+    torch.distributed's. Iterating yields `Batch(images, labels)`; `loader.stats` / `loader.skipped`
+    count skipped samples, unreadable shards and retries across all dataloader workers.
+    """
+    rank, world_size = dist_info(rank, world_size)
+    shards = resolve_shards(source, storage_options, allowed_roots)
+    stream = ShardStream(
+        shards,
+        ImageDecoder(image_size, random_flip=random_flip and train),
+        batch_size=batch_size,
+        train=train,
+        rank=rank,
+        world_size=world_size,
+        seed=seed,
+        shuffle_buffer=shuffle_buffer,
+        epoch_batches=epoch_batches,
+        storage_options=storage_options,
+        retries=retries,
+    )
+    return ShardLoader(stream, num_workers=num_workers, timeout=timeout, pin_memory=pin_memory, make_batch=Batch)

@@ -1,0 +1,330 @@
+"""Sharded streaming that cannot hang a DDP job: every rank yields exactly the same number of batches.
+
+Training ("train" mode): the shard list is an endless sequence of seeded per-cycle permutations; the
+R ranks × W dataloader workers take disjoint strided slots of it, so with ≥ R·W shards no two workers read
+the same shard in a cycle, and with fewer shards (or uneven ones) every worker still has an endless
+stream. Each worker yields a fixed quota of batches, so each rank yields exactly `epoch_batches`.
+
+Evaluation ("eval" mode): every sample of the shard set exactly once, split into contiguous per-rank
+ranges; ranks are padded to the same number of batches, padded or undecodable positions get label -1.
+
+Bad samples are skipped (train) or masked (eval) and counted; unreadable shards are counted and named in
+a warning; counts travel with each batch (`stats`) so the main process can sum them across workers.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+from collections.abc import Callable, Iterator
+from typing import Any, Protocol
+
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+
+from jobs.data.manifest import ShardSet
+from jobs.data.tario import ShardReadError, read_shard
+
+log = logging.getLogger(__name__)
+
+STAT_KEYS = ("samples", "skipped", "bad_shards", "retries")
+
+
+class SampleDecoder(Protocol):
+    """Turns a raw sample dict into (tensor, label); raises on a bad sample."""
+
+    def __call__(self, sample: dict[str, Any], rng: random.Random) -> tuple[torch.Tensor, int]: ...
+
+    def placeholder(self) -> torch.Tensor:
+        """A tensor of the decoded shape, used for padded eval positions."""
+        ...
+
+
+def _rng(*parts: Any) -> random.Random:
+    """A Random seeded by a string of its parts (str seeds hash the same in every process)."""
+    return random.Random("-".join(str(p) for p in parts))
+
+
+def dist_info(rank: int | None = None, world_size: int | None = None) -> tuple[int, int]:
+    """Explicit rank/world size, else torch.distributed's when initialised, else (0, 1)."""
+    if rank is None or world_size is None:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            rank = torch.distributed.get_rank() if rank is None else rank
+            world_size = torch.distributed.get_world_size() if world_size is None else world_size
+        else:
+            rank = 0 if rank is None else rank
+            world_size = 1 if world_size is None else world_size
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} must be in [0, world_size={world_size})")
+    return rank, world_size
+
+
+class ShardStream(IterableDataset):
+    """Batches of decoded samples from a ShardSet for one rank; see the module docstring for the scheme."""
+
+    def __init__(
+        self,
+        shards: ShardSet,
+        decode: SampleDecoder,
+        *,
+        batch_size: int,
+        train: bool = True,
+        rank: int = 0,
+        world_size: int = 1,
+        seed: int = 0,
+        shuffle_buffer: int = 1000,
+        epoch_batches: int | None = None,
+        storage_options: dict[str, Any] | None = None,
+        retries: int = 3,
+        max_bad_in_a_row: int = 2000,
+    ):
+        super().__init__()
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if not shards.urls:
+            raise ValueError("no shards to read")
+        self.shards, self.decode, self.batch_size, self.train = shards, decode, batch_size, train
+        self.rank, self.world_size = rank, world_size
+        self.seed, self.shuffle_buffer = seed, max(1, shuffle_buffer)
+        self.storage_options, self.retries = storage_options, retries
+        self.max_bad_in_a_row = max_bad_in_a_row
+        self.epoch = 0
+        total = shards.num_samples
+        if train:
+            if epoch_batches is None:
+                if total is None:
+                    raise ValueError(
+                        "epoch_batches is required when the shards have no manifest with sample counts"
+                    )
+                epoch_batches = total // (world_size * batch_size)
+            if epoch_batches < 1:
+                raise ValueError(
+                    f"{total} samples give no full batch of {batch_size} per rank on {world_size} ranks; "
+                    "lower batch_size or pass epoch_batches"
+                )
+            self.batches_per_rank = epoch_batches
+        else:
+            if total is None:
+                raise ValueError("eval mode needs per-shard sample counts (a manifest)")
+            if total < 1:
+                raise ValueError("eval shards hold no samples")
+            self.per_rank = math.ceil(total / world_size)
+            self.batches_per_rank = math.ceil(self.per_rank / batch_size)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch (shard order and shuffle depend on it); set before creating workers."""
+        self.epoch = epoch
+
+    # -- worker side -------------------------------------------------------------------------------------
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        stats = dict.fromkeys(STAT_KEYS, 0)
+        if self.train:
+            quota = self.batches_per_rank // workers + (worker < self.batches_per_rank % workers)
+            slot, n_slots = self.rank * workers + worker, self.world_size * workers
+            items = self._train_items(slot, n_slots, stats)
+        else:
+            b0 = worker * self.batches_per_rank // workers
+            b1 = (worker + 1) * self.batches_per_rank // workers
+            quota = b1 - b0
+            items = self._eval_items(b0 * self.batch_size, b1 * self.batch_size, stats)
+        for _ in range(quota):
+            xs, ys = [], []
+            for x, y in items:
+                xs.append(x)
+                ys.append(y)
+                if len(xs) == self.batch_size:
+                    break
+            if len(xs) < self.batch_size:  # cannot happen: train streams are endless, eval ranges padded
+                raise RuntimeError(f"rank {self.rank} worker {worker}: stream ended early ({len(xs)} samples)")
+            delta = dict(stats)
+            for k in stats:
+                stats[k] = 0
+            yield {"x": torch.stack(xs), "y": torch.tensor(ys, dtype=torch.long), "stats": delta}
+
+    def _read(self, index: int, stats: dict[str, int], count_lost: bool = True) -> Iterator[dict[str, Any]]:
+        """Samples of shard `index`; an unreadable shard is counted, warned about, and ends early."""
+        url = self.shards.urls[index]
+
+        def on_retry(_url: str, _exn: BaseException) -> None:
+            stats["retries"] += 1
+
+        got = 0
+        try:
+            for sample in read_shard(url, storage_options=self.storage_options, retries=self.retries,
+                                     on_retry=on_retry):
+                got += 1
+                yield sample
+        except ShardReadError as exn:
+            stats["bad_shards"] += 1
+            lost = (self.shards.counts[index] - got) if self.shards.counts is not None else 0
+            if count_lost:
+                stats["skipped"] += max(0, lost)
+            log.warning("skipping rest of %s (%d samples lost): %s", url, max(0, lost), exn.reason)
+            self.last_error = str(exn)
+
+    def _shard_order(self, slot: int, n_slots: int) -> Iterator[int]:
+        """This slot's share of the endless sequence of per-cycle shard permutations."""
+        n = len(self.shards.urls)
+        g = 0
+        for cycle in range(10**12):
+            perm = list(range(n))
+            _rng("shards", self.seed, self.epoch, cycle).shuffle(perm)
+            for idx in perm:
+                if g % n_slots == slot:
+                    yield idx
+                g += 1
+
+    def _train_items(self, slot: int, n_slots: int, stats: dict[str, int]) -> Iterator[tuple[torch.Tensor, int]]:
+        raw = self._shuffled(self._train_raw(slot, n_slots, stats), _rng("buffer", self.seed, self.epoch, slot))
+        aug = _rng("augment", self.seed, self.epoch, slot)
+        bad_in_a_row = 0
+        for sample in raw:
+            try:
+                item = self.decode(sample, aug)
+            except Exception as exn:  # noqa: BLE001 - a bad sample of any kind is skipped and counted
+                stats["skipped"] += 1
+                bad_in_a_row += 1
+                log.debug("skipping sample %s of %s: %s", sample.get("__key__"), sample.get("__url__"), exn)
+                if bad_in_a_row >= self.max_bad_in_a_row:
+                    raise RuntimeError(
+                        f"{bad_in_a_row} undecodable samples in a row (last: {sample.get('__key__')} in "
+                        f"{sample.get('__url__')}: {exn}); are these the right shards?"
+                    ) from exn
+                continue
+            bad_in_a_row = 0
+            stats["samples"] += 1
+            yield item
+
+    def _train_raw(self, slot: int, n_slots: int, stats: dict[str, int]) -> Iterator[dict[str, Any]]:
+        empty_in_a_row = 0
+        limit = 2 * len(self.shards.urls) + 2
+        for index in self._shard_order(slot, n_slots):
+            got = 0
+            for sample in self._read(index, stats):
+                got += 1
+                yield sample
+            empty_in_a_row = 0 if got else empty_in_a_row + 1
+            if empty_in_a_row >= limit:
+                raise RuntimeError(
+                    f"no samples from {empty_in_a_row} shard reads in a row; last error: "
+                    f"{getattr(self, 'last_error', 'shards are empty')}"
+                )
+
+    def _shuffled(self, src: Iterator[dict[str, Any]], rng: random.Random) -> Iterator[dict[str, Any]]:
+        """Shuffle buffer over raw (still encoded, so small) samples, as webdataset's: it starts yielding
+        after `min(100, size)` samples and grows to `size` by reading two samples per one yielded."""
+        buf: list[dict[str, Any]] = []
+        initial = min(100, self.shuffle_buffer)
+        src = iter(src)
+        for sample in src:
+            buf.append(sample)
+            if len(buf) < self.shuffle_buffer:
+                nxt = next(src, None)
+                if nxt is not None:
+                    buf.append(nxt)
+            if len(buf) >= initial:
+                i = rng.randrange(len(buf))
+                buf[i], buf[-1] = buf[-1], buf[i]
+                yield buf.pop()
+        rng.shuffle(buf)
+        yield from buf
+
+    def _eval_items(self, lo: int, hi: int, stats: dict[str, int]) -> Iterator[tuple[torch.Tensor, int]]:
+        """Positions [lo, hi) of this rank's range, in order; padding and bad samples come out as label -1."""
+        counts = self.shards.counts or []
+        start = self.rank * self.per_rank
+        end = min(sum(counts), start + self.per_rank)
+        g_lo, g_hi = min(end, start + lo), min(end, start + hi)
+        aug = random.Random(0)
+        offset = 0
+        for index, count in enumerate(counts):
+            s_lo, s_hi = offset, offset + count
+            offset = s_hi
+            want_lo, want_hi = max(s_lo, g_lo), min(s_hi, g_hi)
+            if want_lo >= want_hi:
+                continue
+            pos = want_lo
+            for i, sample in enumerate(self._read(index, stats, count_lost=False)):
+                g = s_lo + i
+                if g < want_lo:
+                    continue
+                if g >= want_hi:
+                    break
+                try:
+                    x, y = self.decode(sample, aug)
+                    stats["samples"] += 1
+                except Exception as exn:  # noqa: BLE001 - masked and counted, the count stays exact
+                    stats["skipped"] += 1
+                    log.debug("eval: bad sample %s: %s", sample.get("__key__"), exn)
+                    x, y = self.decode.placeholder(), -1
+                pos = g + 1
+                yield x, y
+            for _ in range(pos, want_hi):  # the shard ended early: its missing samples are masked
+                stats["skipped"] += 1
+                yield self.decode.placeholder(), -1
+        for _ in range((hi - lo) - (g_hi - g_lo)):  # padding beyond this rank's real samples
+            yield self.decode.placeholder(), -1
+
+
+def identity_collate(batch: Any) -> Any:
+    """DataLoader collate for already-batched items (module level so workers can pickle it)."""
+    return batch
+
+
+class ShardLoader:
+    """Iterable over (x, y) batches for one rank with exactly `len(self)` batches per epoch.
+
+    Wraps ShardStream in a DataLoader, sums the per-batch stats from all workers into `self.stats`
+    (`samples`, `skipped`, `bad_shards`, `retries`), and advances the epoch after each full pass.
+    """
+
+    def __init__(
+        self,
+        stream: ShardStream,
+        *,
+        num_workers: int = 2,
+        timeout: float = 300.0,
+        prefetch_factor: int = 2,
+        pin_memory: bool = False,
+        make_batch: Callable[[torch.Tensor, torch.Tensor], Any] = lambda x, y: (x, y),
+    ):
+        self.stream, self.num_workers, self.timeout = stream, num_workers, timeout
+        self.prefetch_factor, self.pin_memory, self.make_batch = prefetch_factor, pin_memory, make_batch
+        self.stats: dict[str, int] = dict.fromkeys(STAT_KEYS, 0)
+
+    def __len__(self) -> int:
+        return self.stream.batches_per_rank
+
+    @property
+    def epoch(self) -> int:
+        return self.stream.epoch
+
+    def set_epoch(self, epoch: int) -> None:
+        self.stream.set_epoch(epoch)
+
+    @property
+    def skipped(self) -> int:
+        """Samples skipped so far (undecodable, incomplete, or lost in an unreadable shard)."""
+        return self.stats["skipped"]
+
+    def __iter__(self) -> Iterator[Any]:
+        kwargs: dict[str, Any] = {}
+        if self.num_workers > 0:
+            kwargs = {"timeout": self.timeout, "prefetch_factor": self.prefetch_factor}
+        dl = torch.utils.data.DataLoader(
+            self.stream, batch_size=None, num_workers=self.num_workers, collate_fn=identity_collate,
+            pin_memory=self.pin_memory, **kwargs,
+        )
+        n = 0
+        for item in dl:
+            for k, v in item["stats"].items():
+                self.stats[k] += v
+            n += 1
+            yield self.make_batch(item["x"], item["y"])
+        if n != len(self):
+            raise RuntimeError(f"rank {self.stream.rank}: got {n} batches, expected {len(self)}")
+        self.stream.set_epoch(self.stream.epoch + 1)
