@@ -1,0 +1,236 @@
+"""Reconstruction quality of one fixed conv autoencoder on CIFAR-10, changing only the quantizer.
+
+The model, optimiser and schedule are fixed by issue 2: encoder Conv(3-64,k4s2p1)-ReLU-Conv(64-128,
+k4s2p1)-ReLU-Conv(128-128,k3p1)-ReLU-Conv(128-64,k1); quantizer on the 8x8x64 grid, 1024 codes;
+decoder Conv(64-128,k3p1)-ReLU-Conv(128-128,k3p1)-ReLU-ConvT(128-64,k4s2p1)-ReLU-ConvT(64-3,k4s2p1);
+loss MSE + the quantizer's loss; Adam 3e-4 over all parameters, batch 128, 800 steps, images in [-1,1].
+
+Reported on 5,000 held-out images: PSNR (images in [0,1]), perplexity of code use, codes used, and
+class retention: the accuracy of a fixed small classifier (trained once on the training split) on
+the reconstructions, relative to its accuracy on the originals — how much of each image's class
+the codes keep.
+
+    .venv/bin/python bench/vq_quality.py --configs ours/default,vqp/ema_kmeans_expiry --out bench/results/vq_quality.jsonl
+    .venv/bin/python bench/vq_quality.py --list
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import tarfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+
+from vqmodels import VectorQuantizer
+
+ROOT = Path(__file__).resolve().parents[1]
+TAR = ROOT.parent / "shared" / "data" / "cifar10" / "train.tar"
+CACHE = ROOT / ".vqtrain" / "cache"
+HELD_OUT = 5000
+
+
+def load_cifar() -> tuple[np.ndarray, np.ndarray]:
+    """All 50,000 images as uint8 (N, 32, 32, 3) and labels, decoded once and cached (not committed)."""
+    cache = CACHE / "cifar10_train.npz"
+    if cache.exists():
+        d = np.load(cache)
+        return d["x"], d["y"]
+    if not TAR.exists():
+        raise FileNotFoundError(f"CIFAR-10 tar not found at {TAR} (expected ../shared/data/cifar10/train.tar)")
+    xs, ys, classes = [], [], {}
+    with tarfile.open(TAR) as tf:
+        for m in tf:
+            if not m.isfile() or not m.name.endswith(".jpg"):
+                continue
+            cls = m.name.split("/")[-2]
+            classes.setdefault(cls, len(classes))
+            xs.append(np.asarray(Image.open(io.BytesIO(tf.extractfile(m).read())).convert("RGB")))
+            ys.append(cls)
+    order = {c: i for i, c in enumerate(sorted(classes))}
+    x, y = np.stack(xs), np.array([order[c] for c in ys])
+    perm = np.random.default_rng(0).permutation(len(x))  # fixed split, classes mixed
+    CACHE.mkdir(parents=True, exist_ok=True)
+    np.savez(cache, x=x[perm], y=y[perm])
+    return x[perm], y[perm]
+
+
+def to_tensor(x: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(x).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+
+
+class Encoder(nn.Sequential):
+    def __init__(self) -> None:
+        super().__init__(
+            nn.Conv2d(3, 64, 4, 2, 1), nn.ReLU(), nn.Conv2d(64, 128, 4, 2, 1), nn.ReLU(),
+            nn.Conv2d(128, 128, 3, 1, 1), nn.ReLU(), nn.Conv2d(128, 64, 1),
+        )  # fmt: skip
+
+
+class Decoder(nn.Sequential):
+    def __init__(self) -> None:
+        super().__init__(
+            nn.Conv2d(64, 128, 3, 1, 1), nn.ReLU(), nn.Conv2d(128, 128, 3, 1, 1), nn.ReLU(),
+            nn.ConvTranspose2d(128, 64, 4, 2, 1), nn.ReLU(), nn.ConvTranspose2d(64, 3, 4, 2, 1),
+        )  # fmt: skip
+
+
+def _ours(**options) -> Callable[[], nn.Module]:
+    return lambda: VectorQuantizer(64, 1024, **options)
+
+
+OURS = {
+    "ours/default": _ours(preset="default"),
+    "ours/plain": _ours(preset="plain"),
+    "ours/ema": _ours(preset="ema"),
+    "ours/rotation": _ours(preset="rotation"),
+    "ours/simvq": _ours(preset="simvq"),
+    "ours/huh2023": _ours(preset="huh2023"),
+}
+
+
+def _vqp(kind: str) -> Callable[[], nn.Module]:
+    def make() -> nn.Module:
+        import vector_quantize_pytorch as vqp
+
+        if kind == "simvq":
+            return vqp.SimVQ(64, 1024)
+        extra = {
+            "ema": {},
+            "ema_kmeans_expiry": {"kmeans_init": True, "threshold_ema_dead_code": 2},
+            "ema_kmeans_expiry_rotation": {"kmeans_init": True, "threshold_ema_dead_code": 2, "rotation_trick": True},
+        }[kind]
+        return vqp.VectorQuantize(64, 1024, decay=0.99, commitment_weight=1.0, **extra)
+
+    return make
+
+
+VQP = {f"vqp/{k}": _vqp(k) for k in ("ema", "ema_kmeans_expiry", "ema_kmeans_expiry_rotation", "simvq")}
+CONFIGS = {**OURS, **VQP}
+
+
+def quantize(q: nn.Module, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(z_q, indices, loss) for both libraries; z is B x C x h x w."""
+    zl = z.permute(0, 2, 3, 1)
+    if isinstance(q, VectorQuantizer):
+        out = q(zl)
+        zq, idx, loss = out.z_q, out.indices, out.loss
+    else:
+        b, h, w, c = zl.shape
+        zq, idx, loss = q(zl.reshape(b, h * w, c))[:3]
+        zq, idx, loss = zq.reshape(b, h, w, c), idx.reshape(b, h, w), loss.sum()
+    return zq.permute(0, 3, 1, 2), idx, loss
+
+
+class Classifier(nn.Sequential):
+    def __init__(self) -> None:
+        super().__init__(
+            nn.Conv2d(3, 32, 3, 1, 1), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(32, 64, 3, 1, 1), nn.ReLU(),
+            nn.MaxPool2d(2), nn.Conv2d(64, 128, 3, 1, 1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+            nn.Linear(128, 10),
+        )  # fmt: skip
+
+
+def classifier(x: np.ndarray, y: np.ndarray) -> nn.Module:
+    """A fixed small CNN trained once on the training split (cached): the judge of class retention."""
+    path = CACHE / "cifar10_classifier.pt"
+    model = Classifier()
+    if path.exists():
+        model.load_state_dict(torch.load(path, weights_only=True))
+        return model.eval()
+    torch.manual_seed(0)
+    opt = torch.optim.Adam(model.parameters(), 1e-3)
+    xt, yt = x[HELD_OUT:], torch.from_numpy(y[HELD_OUT:])
+    for _epoch in range(4):
+        perm = torch.randperm(len(xt))
+        for i in range(0, len(xt) - 255, 256):
+            j = perm[i : i + 256].numpy()
+            loss = F.cross_entropy(model(to_tensor(xt[j])), yt[j])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    torch.save(model.state_dict(), path)
+    return model.eval()
+
+
+def run(name: str, steps: int, batch: int, seed: int) -> dict:
+    x, y = load_cifar()
+    judge = classifier(x, y)
+    torch.manual_seed(seed)
+    enc, dec, q = Encoder(), Decoder(), CONFIGS[name]()
+    params = [*enc.parameters(), *dec.parameters(), *q.parameters()]
+    opt = torch.optim.Adam([p for p in params if p.requires_grad], lr=3e-4)
+    train = x[HELD_OUT:]
+    rng = np.random.default_rng(seed)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        imgs = to_tensor(train[rng.integers(0, len(train), batch)])
+        zq, _, qloss = quantize(q, enc(imgs))
+        loss = F.mse_loss(dec(zq), imgs) + qloss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    train_s = time.perf_counter() - t0
+    enc.eval(), dec.eval(), q.eval()
+    counts = torch.zeros(1024)
+    se, correct_rec, correct_orig = 0.0, 0, 0
+    with torch.no_grad():
+        for i in range(0, HELD_OUT, 500):
+            imgs = to_tensor(x[i : i + 500])
+            zq, idx, _ = quantize(q, enc(imgs))
+            rec = dec(zq).clamp(-1, 1)
+            se += ((rec - imgs) / 2).pow(2).mean((1, 2, 3)).clamp_min(1e-10).log10().mul(-10).sum().item()
+            counts += torch.bincount(idx.flatten(), minlength=1024).float()
+            labels = torch.from_numpy(y[i : i + 500])
+            correct_rec += (judge(rec).argmax(1) == labels).sum().item()
+            correct_orig += (judge(imgs).argmax(1) == labels).sum().item()
+    p = counts / counts.sum()
+    perplexity = torch.exp(-(p[p > 0] * p[p > 0].log()).sum()).item()
+    return {
+        "config": name,
+        "psnr_db": round(se / HELD_OUT, 2),  # mean per-image PSNR, images in [0, 1]
+        "perplexity": round(perplexity, 1),
+        "codes_used": int((counts > 0).sum()),
+        "class_acc_recon": round(correct_rec / HELD_OUT, 4),
+        "class_acc_orig": round(correct_orig / HELD_OUT, 4),
+        "class_retention": round(correct_rec / max(correct_orig, 1), 4),
+        "train_s": round(train_s, 1),
+        "steps": steps,
+        "batch": batch,
+        "seed": seed,
+        "threads": torch.get_num_threads(),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--configs", default="ours/default", help="comma-separated; see --list")
+    ap.add_argument("--steps", type=int, default=800)
+    ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default="", help="append each result as a JSON line to this file")
+    ap.add_argument("--list", action="store_true")
+    args = ap.parse_args()
+    if args.list:
+        print("\n".join(CONFIGS))
+        return
+    for name in args.configs.split(","):
+        if name not in CONFIGS:
+            raise SystemExit(f"--configs: unknown configuration {name!r}; see --list")
+        result = run(name, args.steps, args.batch, args.seed)
+        print(json.dumps(result), flush=True)
+        if args.out:
+            with open(args.out, "a") as f:
+                f.write(json.dumps(result) + "\n")
+
+
+if __name__ == "__main__":
+    main()
