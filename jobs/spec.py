@@ -1,0 +1,587 @@
+"""The job spec: one YAML/JSON document per job, validated before anything runs.
+
+Torch-free on purpose (the service and the CLI import it). The `quantizer:` section is built from
+`vqmodels.quantize.options.QuantizerOptions` so option names live in exactly one place. Every error
+names its field path (`data.train`, `quantizer.beta`, ...) through `SpecError.errors`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import re
+import typing
+import warnings
+from collections.abc import Iterable, Mapping
+from contextvars import ContextVar
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationError,
+    create_model,
+    field_validator,
+    model_validator,
+)
+
+from vqmodels.quantize.options import PRESETS, QuantizerOptions, resolve_options
+
+Kind = Literal["tokenizer", "maskgit", "tokenize"]
+NAME_PATTERN = r"^[a-z0-9][a-z0-9\-_.]*$"
+ALIAS_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9\-_]*$"
+URL_SCHEMES = ("file", "s3", "gs", "http", "https")
+_MODEL_URI = re.compile(r"^models:/[A-Za-z0-9][A-Za-z0-9\-_.]*(@[A-Za-z0-9][A-Za-z0-9\-_]*|/[0-9]+)$")
+_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*):")
+_SECRET_KEYS = re.compile(r"(key|secret|token|password|credential)", re.IGNORECASE)
+
+
+class FieldError(ValueError):
+    """A validator error that knows its field path relative to the model that raised it."""
+
+    def __init__(self, path: str, msg: str) -> None:
+        super().__init__(f"{path}: {msg}")
+        self.path, self.msg = path, msg
+
+
+class SpecError(ValueError):
+    """An invalid spec; `.errors` is a list of `{"loc": "data.train", "msg": ...}`, one per problem."""
+
+    def __init__(self, errors: list[dict[str, str]]) -> None:
+        self.errors = errors
+        lines = [f"  {e['loc'] or '<spec>'}: {e['msg']}" for e in errors]
+        super().__init__("invalid job spec:\n" + "\n".join(lines))
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+def check_url(url: str, field: str = "url") -> str:
+    """Refuse `pipe:` and unknown schemes: a spec must never make a worker run a shell command."""
+    if not url or not url.strip():
+        raise ValueError("must not be empty")
+    if url.startswith("pipe:"):
+        raise ValueError(
+            "pipe: URLs are refused (they run shell commands); use a path or s3://, gs://, http(s)://"
+        )
+    m = _SCHEME.match(url)
+    if m and not (m.group(1).lower() in URL_SCHEMES and url[m.end() :].startswith("//")):
+        raise ValueError(
+            f"unsupported URL scheme {m.group(1)!r}; use a local path or one of "
+            f"{', '.join(s + '://' for s in URL_SCHEMES)}"
+        )
+    return url
+
+
+def _check_urls(value: str | list[str] | None) -> str | list[str] | None:
+    if value is None:
+        return None
+    if isinstance(value, list):
+        if not value:
+            raise ValueError("must list at least one URL")
+        for url in value:
+            check_url(url)
+        return value
+    return check_url(value)
+
+
+# ---------------------------------------------------------------------------------------------- data
+
+
+class DataSpec(_Strict):
+    """Where the WebDataset shards are and how to stream them."""
+
+    train: str | list[str] = Field(
+        description="brace pattern, prefix/dir, manifest.json URL, or a list of them"
+    )
+    eval: str | list[str] | None = Field(None, description="same forms as train; optional")
+    image_size: int = Field(32, ge=8, le=4096)
+    storage_options: dict[str, Any] = Field(default_factory=dict, description="passed to fsspec/s3fs")
+    shuffle_buffer: int = Field(1000, ge=0)
+    num_workers: int = Field(1, ge=0, description="dataloader workers per training worker")
+    epoch_batches: int | None = Field(
+        None, ge=1, description="batches per rank per epoch; null = from manifest"
+    )
+
+    _urls = field_validator("train", "eval")(_check_urls)
+
+
+# --------------------------------------------------------------------------------------------- models
+
+
+class AdversarialSpec(_Strict):
+    weight: float = Field(0.1, ge=0)
+    start_step: int = Field(2000, ge=0)
+    loss: Literal["hinge", "non_saturating"] = "hinge"
+    disc_channels: int = Field(64, ge=1)
+
+
+class PerceptualSpec(_Strict):
+    weights: str = Field(description="path to the perceptual network's weights (.pt)")
+    weight: float = Field(1.0, ge=0)
+
+
+class TokenizerModelSpec(_Strict):
+    """Stage one: a convolutional VQ autoencoder (VQ-VAE / VQGAN style)."""
+
+    channels: int = Field(64, ge=1)
+    channel_mult: list[int] = Field(
+        [1, 2, 2], min_length=2, max_length=5, description="downsampling = 2 ** (len - 1): 2 to 16"
+    )
+    res_blocks: int = Field(1, ge=1)
+    attention: bool = False
+    code_dim: int = Field(64, ge=1)
+    codebook_size: int = Field(1024, ge=2)
+    rec_loss: Literal["l1", "l2"] = "l2"
+    adversarial: AdversarialSpec | None = None
+    perceptual: PerceptualSpec | None = None
+
+    @field_validator("channel_mult")
+    @classmethod
+    def _positive(cls, v: list[int]) -> list[int]:
+        if any(m < 1 for m in v):
+            raise ValueError("every multiplier must be >= 1")
+        return v
+
+
+class MaskGITModelSpec(_Strict):
+    """Stage two: a bidirectional transformer over a frozen tokenizer's codes."""
+
+    dim: int = Field(256, ge=8)
+    depth: int = Field(4, ge=1)
+    heads: int = Field(4, ge=1)
+    mlp_ratio: int = Field(4, ge=1)
+    schedule: Literal["cosine", "linear", "square"] = "cosine"
+    label_smoothing: float = Field(0.1, ge=0, lt=1)
+    class_dropout: float = Field(0.1, ge=0, le=1)
+    num_classes: int | None = Field(10, ge=1, description="null = unconditional")
+
+    @model_validator(mode="after")
+    def _heads_divide_dim(self) -> MaskGITModelSpec:
+        if self.dim % self.heads:
+            raise FieldError("heads", f"must divide dim ({self.dim}), got {self.heads}")
+        return self
+
+
+# Which model spec `model:` is validated against depends on the sibling `kind`; JobSpec sets this
+# for the duration of its own validation so a discriminated union can pick the right class.
+_KIND: ContextVar[str | None] = ContextVar("vqtrain_spec_kind", default=None)
+
+
+def _model_tag(value: Any) -> str | None:
+    if isinstance(value, TokenizerModelSpec):
+        return "tokenizer"
+    if isinstance(value, MaskGITModelSpec):
+        return "maskgit"
+    kind = _KIND.get()
+    return kind if kind in ("tokenizer", "maskgit") else None
+
+
+ModelSpec = Annotated[
+    Annotated[TokenizerModelSpec, Tag("tokenizer")] | Annotated[MaskGITModelSpec, Tag("maskgit")],
+    Discriminator(
+        _model_tag,
+        custom_error_type="model_for_kind",
+        custom_error_message="kind=tokenize takes no model; tokenizer and maskgit jobs do",
+    ),
+]
+
+
+# ------------------------------------------------------------------------------------------ quantizer
+
+
+class _QuantizerBase(_Strict):
+    """Preset + explicit overrides; after validation every option holds its resolved value."""
+
+    preset: str = Field("default", description=f"named option set, one of {sorted(PRESETS)}")
+
+    @model_validator(mode="after")
+    def _resolve(self) -> _QuantizerBase:
+        explicit = {k: getattr(self, k) for k in _OPTION_FIELDS if getattr(self, k) is not None}
+        try:
+            opts = resolve_options(self.preset, **explicit)
+        except ValueError as e:
+            msg = str(e)
+            head, sep, rest = msg.partition(": ")
+            if sep and (head in _OPTION_FIELDS or head == "preset"):
+                raise FieldError(head, rest) from None
+            named = [n for n in _OPTION_FIELDS if re.search(rf"\b{n}\b", msg)]
+            raise FieldError(named[0], msg) if named else ValueError(msg) from None
+        for name, value in dataclasses.asdict(opts).items():
+            object.__setattr__(self, name, value)
+        return self
+
+    def options(self) -> QuantizerOptions:
+        """The resolved `QuantizerOptions` the model is built with."""
+        return QuantizerOptions(**{k: getattr(self, k) for k in _OPTION_FIELDS})
+
+
+_HINTS = typing.get_type_hints(QuantizerOptions)
+_OPTION_FIELDS = tuple(f.name for f in dataclasses.fields(QuantizerOptions))
+QuantizerSpec = create_model(
+    "QuantizerSpec",
+    __base__=_QuantizerBase,
+    __doc__="Every `QuantizerOptions` field (null = from the preset) plus `preset`.",
+    **{
+        f.name: (
+            _HINTS[f.name] | None,
+            Field(None, description=f"null = from the preset (plain default: {f.default!r})"),
+        )
+        for f in dataclasses.fields(QuantizerOptions)
+    },
+)
+
+
+# -------------------------------------------------------------------------------------- the rest
+
+
+class OptimSpec(_Strict):
+    steps: int = Field(1000, ge=1)
+    batch_size: int = Field(64, ge=1, description="per worker")
+    lr: float = Field(3.0e-4, gt=0)
+    schedule: Literal["constant", "cosine"] = "cosine"
+    warmup_steps: int = Field(0, ge=0)
+    grad_clip: float | None = Field(1.0, gt=0, description="null = off")
+    weight_decay: float = Field(0.0, ge=0)
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    seed: int = Field(0, ge=0)
+
+    @model_validator(mode="after")
+    def _warmup_fits(self) -> OptimSpec:
+        if self.warmup_steps > self.steps:
+            raise FieldError("warmup_steps", f"must be <= steps ({self.steps}), got {self.warmup_steps}")
+        return self
+
+
+class ResourcesSpec(_Strict):
+    workers: int = Field(1, ge=1)
+    cpus_per_worker: float = Field(1, gt=0)
+    gpus_per_worker: float = Field(0, ge=0)
+    max_failures: int = Field(2, ge=0, description="worker-group restarts from the last checkpoint")
+
+
+class CheckpointSpec(_Strict):
+    every: int = Field(200, ge=1, description="steps")
+    keep: int = Field(2, ge=1)
+    storage: str | None = Field(None, description="local dir or s3://...; null = <VQTRAIN_HOME>/checkpoints")
+
+    _url = field_validator("storage")(_check_urls)
+
+
+class TrackingSpec(_Strict):
+    experiment: str = Field("vqtrain", min_length=1)
+    eval_every: int = Field(200, ge=0, description="steps; 0 = off")
+    image_every: int = Field(200, ge=0, description="steps; 0 = off")
+
+
+class RegisterSpec(_Strict):
+    model_name: str | None = Field(None, pattern=NAME_PATTERN, description="null = the job's name")
+    alias: str | None = Field("latest", pattern=ALIAS_PATTERN, description="null = set no alias")
+
+
+# `register` is a spec field and also ABCMeta.register on the class (not on instances): harmless.
+warnings.filterwarnings("ignore", message='Field name "register"', category=UserWarning)
+
+
+class JobSpec(_Strict):
+    """One training or tokenizing job."""
+
+    kind: Kind = "tokenizer"
+    name: str = Field(
+        pattern=NAME_PATTERN, max_length=100, description="also the default registered model name"
+    )
+    data: DataSpec
+    model: ModelSpec | None = Field(None, description="tokenizer/maskgit model; null = the kind's defaults")
+    quantizer: QuantizerSpec = Field(default_factory=QuantizerSpec)  # type: ignore[valid-type]
+    optim: OptimSpec = Field(default_factory=OptimSpec)
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
+    checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)
+    tracking: TrackingSpec = Field(default_factory=TrackingSpec)
+    register: RegisterSpec = Field(default_factory=RegisterSpec)
+    tokenizer: str | None = Field(
+        None, description="maskgit/tokenize: models:/<name>@<alias>, models:/<name>/<version> or a local dir"
+    )
+    output: str | None = Field(None, description="tokenize: where the token shards go")
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _with_kind(cls, data: Any, handler: Any) -> JobSpec:
+        kind = data.get("kind", "tokenizer") if isinstance(data, Mapping) else None
+        token = _KIND.set(kind if isinstance(kind, str) else None)
+        try:
+            return handler(data)
+        finally:
+            _KIND.reset(token)
+
+    @field_validator("tokenizer")
+    @classmethod
+    def _tokenizer_ref(cls, v: str | None) -> str | None:
+        if v is None or _MODEL_URI.match(v):
+            return v
+        if v.startswith("models:"):
+            raise ValueError("must be models:/<name>@<alias> or models:/<name>/<version>")
+        m = _SCHEME.match(v)
+        if m and m.group(1).lower() != "file":
+            raise ValueError("must be a models:/ URI or a local directory")
+        return check_url(v)
+
+    _output = field_validator("output")(_check_urls)
+
+    @model_validator(mode="after")
+    def _kind_rules(self) -> JobSpec:
+        if self.kind == "tokenizer":
+            for field in ("tokenizer", "output"):
+                if getattr(self, field) is not None:
+                    raise FieldError(
+                        field, "only maskgit/tokenize jobs take this; remove it for kind=tokenizer"
+                    )
+            if self.model is None:
+                self.model = TokenizerModelSpec()
+            assert isinstance(self.model, TokenizerModelSpec)
+            downsample = 2 ** (len(self.model.channel_mult) - 1)
+            if self.data.image_size % downsample:
+                raise FieldError(
+                    "data.image_size",
+                    f"must be divisible by the downsampling factor {downsample} (2 ** (len(channel_mult) - 1))",
+                )
+        else:
+            if self.tokenizer is None:
+                raise FieldError(
+                    "tokenizer", f"required for kind={self.kind} (models:/<name>@<alias> or a dir)"
+                )
+            if self.kind == "maskgit":
+                if self.output is not None:
+                    raise FieldError("output", "only tokenize jobs take this")
+                if self.model is None:
+                    self.model = MaskGITModelSpec()
+            elif self.output is None:
+                raise FieldError("output", "required for kind=tokenize (where the token shards go)")
+        return self
+
+    @property
+    def model_name(self) -> str:
+        """The registered model name (`register.model_name`, else `name`)."""
+        return self.register.model_name or self.name
+
+
+# ------------------------------------------------------------------------------------ public helpers
+
+_KNOWN_FIELDS: set[str] = set()
+
+
+def _collect_fields(model: type[BaseModel]) -> None:
+    for name, info in model.model_fields.items():
+        _KNOWN_FIELDS.add(name)
+        for arg in _flat_types(info.annotation):
+            if isinstance(arg, type) and issubclass(arg, BaseModel):
+                _collect_fields(arg)
+
+
+def _flat_types(tp: Any) -> Iterable[Any]:
+    args = typing.get_args(tp)
+    if not args:
+        yield tp
+    for a in args:
+        yield from _flat_types(a)
+
+
+_collect_fields(JobSpec)
+_collect_fields(TokenizerModelSpec)
+_collect_fields(MaskGITModelSpec)
+
+
+def _loc(parts: Iterable[Any]) -> list[str]:
+    """Drop pydantic's union/tag segments (`str`, `list[str]`, `tokenizer`…) so paths read like the YAML."""
+    out: list[str] = []
+    for i, p in enumerate(parts):
+        if isinstance(p, int):
+            out.append(f"[{p}]")
+        elif "[" in p or p in ("str", "int", "float", "bool", "list", "dict"):
+            continue
+        elif out == ["model"] and p in ("tokenizer", "maskgit") and i == 1:
+            continue
+        else:
+            out.append(p)
+    return out
+
+
+def errors_from(exc: ValidationError) -> list[dict[str, str]]:
+    """Pydantic errors → `[{"loc": "a.b", "msg": ...}]`, deduplicated, with validator paths resolved."""
+    result: list[dict[str, str]] = []
+    seen: set[tuple[str, str]] = set()
+    errors = exc.errors(include_url=False)
+    bad_kind = any(e["loc"] == ("kind",) for e in errors)
+    for err in errors:
+        if bad_kind and err["type"] == "model_for_kind":
+            continue  # the model cannot be checked against an unknown kind; the kind error says it all
+        parts = _loc(err["loc"])
+        cause = (err.get("ctx") or {}).get("error")
+        msg = err["msg"]
+        if isinstance(cause, FieldError):
+            parts, msg = parts + cause.path.split("."), cause.msg
+        elif err["type"] == "value_error" and msg.startswith("Value error, "):
+            msg = msg[len("Value error, ") :]
+        elif err["type"] == "extra_forbidden":
+            name = str(err["loc"][-1])
+            near = difflib.get_close_matches(name, _KNOWN_FIELDS, n=1)
+            if name in _KNOWN_FIELDS:
+                msg = "unknown field in this section (it belongs to another section or kind)"
+            else:
+                msg = "unknown field" + (f"; did you mean {near[0]!r}?" if near else "")
+        elif err["type"] == "missing":
+            msg = "required field is missing"
+        loc = ".".join(parts).replace(".[", "[")
+        if (loc, msg) not in seen:
+            seen.add((loc, msg))
+            result.append({"loc": loc, "msg": msg})
+    return result
+
+
+def parse_spec(data: Any) -> JobSpec:
+    """Validate an already-parsed document (dict); raises SpecError."""
+    if not isinstance(data, Mapping):
+        raise SpecError(
+            [{"loc": "", "msg": f"a spec is a mapping (YAML/JSON object), got {type(data).__name__}"}]
+        )
+    try:
+        return JobSpec.model_validate(dict(data))
+    except ValidationError as e:
+        raise SpecError(errors_from(e)) from None
+
+
+def parse_text(text: str, source: str = "<spec>") -> Any:
+    """YAML or JSON text → a Python object; a syntax error becomes a SpecError with the line."""
+    try:
+        docs = [d for d in yaml.safe_load_all(text) if d is not None]
+    except yaml.YAMLError as e:
+        raise SpecError([{"loc": "", "msg": f"{source} is not valid YAML/JSON: {e}"}]) from None
+    if len(docs) != 1:
+        raise SpecError([{"loc": "", "msg": f"{source} must hold exactly one document, found {len(docs)}"}])
+    return docs[0]
+
+
+def load_spec(path_or_text: str | Path) -> JobSpec:
+    """Load a spec from a YAML/JSON file path or from the text itself."""
+    source = "<spec>"
+    if isinstance(path_or_text, Path) or (
+        "\n" not in path_or_text
+        and not path_or_text.lstrip().startswith(("{", "["))
+        and ": " not in path_or_text
+    ):
+        path = Path(path_or_text)
+        if not path.is_file():
+            raise SpecError([{"loc": "", "msg": f"spec file {str(path)!r} does not exist"}])
+        text, source = path.read_text(), str(path)
+    else:
+        text = str(path_or_text)
+    return parse_spec(parse_text(text, source))
+
+
+def flatten_spec(spec: JobSpec) -> dict[str, str]:
+    """Dot-keyed string values (MLflow params); secrets in `data.storage_options` are redacted."""
+    out: dict[str, str] = {}
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, dict) and value:
+            for k, v in value.items():
+                walk(f"{prefix}.{k}" if prefix else str(k), v)
+        elif isinstance(value, str):
+            out[prefix] = value
+        else:
+            out[prefix] = json.dumps(value)
+
+    walk("", redacted(spec))
+    return out
+
+
+def redacted(spec: JobSpec | Mapping[str, Any]) -> dict[str, Any]:
+    """The spec (or its stored JSON form) with credential-like storage options replaced by '***'."""
+    data = spec.model_dump(mode="json") if isinstance(spec, JobSpec) else json.loads(json.dumps(spec))
+    section = data.get("data")
+    if isinstance(section, dict) and isinstance(section.get("storage_options"), dict):
+        section["storage_options"] = _redact(section["storage_options"])
+    return data
+
+
+def _redact(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {
+            k: ("***" if _SECRET_KEYS.search(str(k)) and isinstance(v, str) else _redact(v))
+            for k, v in value.items()
+        }
+    return value
+
+
+def local_paths(spec: JobSpec) -> list[tuple[str, str]]:
+    """(field path, local path) for every local path the job will read or write."""
+    found: list[tuple[str, str]] = []
+
+    def add(loc: str, value: str | list[str] | None) -> None:
+        values = [value] if isinstance(value, str) else list(value or [])
+        for i, v in enumerate(values):
+            m = _SCHEME.match(v)
+            if m and m.group(1).lower() != "file":
+                continue
+            path = v[len("file://") :] if v.lower().startswith("file://") else v
+            found.append((loc if isinstance(value, str) else f"{loc}[{i}]", path))
+
+    add("data.train", spec.data.train)
+    add("data.eval", spec.data.eval)
+    add("checkpoint.storage", spec.checkpoint.storage)
+    add("output", spec.output)
+    if spec.tokenizer and not spec.tokenizer.startswith("models:"):
+        add("tokenizer", spec.tokenizer)
+    if isinstance(spec.model, TokenizerModelSpec) and spec.model.perceptual:
+        add("model.perceptual.weights", spec.model.perceptual.weights)
+    return found
+
+
+def _static_prefix(path: str) -> Path:
+    """The part of a (possibly brace/glob-patterned) path before the first pattern character."""
+    cut = min([i for i in (path.find(c) for c in "{*?[") if i >= 0], default=len(path))
+    head = path[:cut]
+    return Path(head if head.endswith("/") or cut == len(path) else head.rsplit("/", 1)[0] or "/")
+
+
+def check_allowed_roots(spec: JobSpec, roots: Iterable[str | Path], base: str | Path | None = None) -> None:
+    """Service side: every local path must resolve under one of `roots` (relative paths from `base`)."""
+    resolved_roots = [Path(r).expanduser().resolve() for r in roots]
+    base_dir = Path(base or Path.cwd())
+    errors = []
+    for loc, path in local_paths(spec):
+        p = _static_prefix(path).expanduser()
+        p = (p if p.is_absolute() else base_dir / p).resolve()
+        if not any(p == r or r in p.parents for r in resolved_roots):
+            allowed = ", ".join(str(r) for r in resolved_roots) or "(none configured)"
+            errors.append({"loc": loc, "msg": f"local path {path!r} is outside the allowed roots: {allowed}"})
+    if errors:
+        raise SpecError(errors)
+
+
+def absolute_paths(spec: JobSpec, base: str | Path) -> JobSpec:
+    """A copy whose relative local paths are made absolute against `base` (specs travel to other cwds)."""
+    data = spec.model_dump(mode="json")
+    base_dir = Path(base).resolve()
+
+    def fix(v: Any) -> Any:
+        if isinstance(v, list):
+            return [fix(x) for x in v]
+        if isinstance(v, str) and not _SCHEME.match(v) and not v.startswith(("/", "~")):
+            return str(base_dir / v)
+        return v
+
+    data["data"]["train"] = fix(data["data"]["train"])
+    data["data"]["eval"] = fix(data["data"]["eval"])
+    for key in ("output", "tokenizer"):
+        data[key] = fix(data[key])
+    data["checkpoint"]["storage"] = fix(data["checkpoint"]["storage"])
+    if data["kind"] == "tokenizer" and data["model"].get("perceptual"):
+        data["model"]["perceptual"]["weights"] = fix(data["model"]["perceptual"]["weights"])
+    return parse_spec(data)

@@ -1,0 +1,163 @@
+"""Submission to Ray through the Ray Jobs API, so jobs outlive the service; and what the service learns
+back: status, and progress parsed from the job's logs (`VQTRAIN_PROGRESS` / `VQTRAIN_RESULT` lines).
+
+The entry point is `<python> -m jobs.run --job-id ID --spec-json "$VQTRAIN_SPEC_JSON"` run by the service's own
+interpreter (a bare `python` on a Ray node may lack torch); `settings.runtime_env` adds to it for
+clusters whose nodes need a working_dir, pip packages or an image.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+from service import embedded
+
+PROGRESS_PREFIX = "VQTRAIN_PROGRESS "
+RESULT_PREFIX = "VQTRAIN_RESULT "
+RUN_PREFIX = "VQTRAIN_RUN "  # optional early line with run_id/run_url
+STATE_OF_RAY = {
+    "PENDING": "queued",
+    "RUNNING": "running",
+    "SUCCEEDED": "succeeded",
+    "FAILED": "failed",
+    "STOPPED": "cancelled",
+}
+
+
+class RayUnavailable(RuntimeError):
+    """The Ray Jobs API did not answer; jobs stay as they are in the store until it does."""
+
+
+class RayJobNotFound(LookupError):
+    """Ray has no job with this submission id (not submitted yet, or its head was replaced)."""
+
+
+@dataclass
+class RayJobInfo:
+    status: str  # PENDING | RUNNING | SUCCEEDED | FAILED | STOPPED
+    message: str | None
+    start_time: float | None  # unix seconds
+    end_time: float | None
+
+
+@dataclass
+class LogReport:
+    """What the job's own stdout says about it."""
+
+    progress: dict[str, Any] | None = None
+    first_progress: dict[str, Any] | None = None
+    result: dict[str, Any] | None = None
+    run: dict[str, Any] = field(default_factory=dict)
+    failure: str | None = None
+
+
+def _json_after(line: str, prefix: str) -> dict[str, Any] | None:
+    at = line.find(prefix)
+    if at < 0:
+        return None
+    try:
+        value = json.loads(line[at + len(prefix) :])
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def parse_logs(text: str) -> LogReport:
+    """Latest progress, the result, and the job's own error message (`vqtrain: …` or a spec error)."""
+    report = LogReport()
+    lines = text.splitlines()
+    for i, line in enumerate(lines):
+        if PROGRESS_PREFIX in line:
+            item = _json_after(line, PROGRESS_PREFIX)
+            if item is not None:
+                if report.first_progress is None or item.get("step", 0) < (report.progress or {}).get("step", 0):
+                    report.first_progress = item  # (re)started: a restart from a checkpoint resets the rate
+                report.progress = item
+        elif RESULT_PREFIX in line:
+            report.result = _json_after(line, RESULT_PREFIX) or report.result
+        elif RUN_PREFIX in line:
+            report.run = _json_after(line, RUN_PREFIX) or report.run
+        elif line.startswith("invalid job spec:"):
+            details = [d.strip() for d in lines[i + 1 :][:20] if d.startswith("  ")]
+            report.failure = " ".join([line.strip(), *details])
+        elif line.startswith("vqtrain: ") and report.failure is None:
+            report.failure = line.removeprefix("vqtrain: ").strip()
+    return report
+
+
+SPEC_ENV = "VQTRAIN_SPEC_JSON"
+
+
+def entrypoint(python: str, job_id: str) -> str:
+    """The shell command Ray runs for a job. The spec travels in `$VQTRAIN_SPEC_JSON` (expanded by
+    Ray's shell), not in the command itself, which Ray prints into the job log: specs may carry
+    storage credentials."""
+    return f'{shlex.quote(python)} -m jobs.run --job-id {shlex.quote(job_id)} --spec-json "${SPEC_ENV}"'
+
+
+def spec_env(spec: dict[str, Any]) -> dict[str, str]:
+    return {SPEC_ENV: json.dumps(spec, separators=(",", ":"))}
+
+
+class RayJobs:
+    """A lazily connected `JobSubmissionClient` (the API keeps answering while Ray is away)."""
+
+    def __init__(self, address: str) -> None:
+        self.address = address
+        self._client: Any = None
+        self._lock = threading.Lock()
+
+    def _get(self) -> Any:
+        with self._lock:
+            if self._client is None:
+                from ray.job_submission import JobSubmissionClient
+
+                try:
+                    self._client = JobSubmissionClient(self.address, headers=embedded.ray_auth_headers())
+                except Exception as e:  # connection refused, version check, auth
+                    raise RayUnavailable(f"Ray Jobs API at {self.address}: {e}") from e
+            return self._client
+
+    def _call(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        client = self._get()
+        try:
+            return getattr(client, method)(*args, **kwargs)
+        except RuntimeError as e:
+            text = str(e)
+            if "404" in text or "does not exist" in text or "not found" in text.lower():
+                raise RayJobNotFound(text) from e
+            raise RayUnavailable(text) from e
+        except Exception as e:  # requests' connection errors and the like
+            raise RayUnavailable(f"Ray Jobs API at {self.address}: {e}") from e
+
+    def submit(self, job_id: str, command: str, env: dict[str, str], runtime_env: dict[str, Any]) -> None:
+        """Submit under `job_id`; an existing Ray job with that id counts as submitted (idempotent)."""
+        renv = dict(runtime_env)
+        renv["env_vars"] = {**runtime_env.get("env_vars", {}), **env}
+        try:
+            self._call("submit_job", entrypoint=command, submission_id=job_id, runtime_env=renv,
+                       entrypoint_num_cpus=0, metadata={"vqtrain_job_id": job_id})  # fmt: skip
+        except RayUnavailable as e:
+            if "already exists" in str(e):
+                return
+            raise
+
+    def info(self, job_id: str) -> RayJobInfo:
+        d = self._call("get_job_info", job_id)
+        status = getattr(d.status, "value", str(d.status))
+        start = d.start_time / 1000 if d.start_time else None
+        end = d.end_time / 1000 if d.end_time else None
+        return RayJobInfo(status=status, message=d.message, start_time=start, end_time=end)
+
+    def logs(self, job_id: str) -> str:
+        return self._call("get_job_logs", job_id)
+
+    def stop(self, job_id: str) -> bool:
+        try:
+            return bool(self._call("stop_job", job_id))
+        except RayJobNotFound:
+            return False

@@ -1,0 +1,137 @@
+"""The MLflow Model Registry as the service and the CLI see it: list registered models, find a job's
+run, and download a model's tokenizer directory (`vqtrain pull`). Imports mlflow lazily, never torch."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+JOB_TAG = "vqtrain.job_id"  # set by jobs.tracking on every job's run
+KIND_TAG = "vqtrain.kind"
+_REF = re.compile(
+    r"^(?P<name>[A-Za-z0-9][A-Za-z0-9\-_.]*)(?:@(?P<alias>[A-Za-z0-9\-_]+)|/(?P<version>\d+))?$"
+)
+
+
+def _client(tracking_uri: str) -> Any:
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+
+
+def run_url(tracking_uri: str, experiment_id: str, run_id: str) -> str:
+    if tracking_uri.startswith(("http://", "https://")):
+        return f"{tracking_uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
+    return f"runs:/{run_id}"
+
+
+def model_url(tracking_uri: str, name: str, version: str | None = None) -> str | None:
+    if not tracking_uri.startswith(("http://", "https://")):
+        return None
+    base = f"{tracking_uri.rstrip('/')}/#/models/{name}"
+    return f"{base}/versions/{version}" if version else base
+
+
+def list_models(tracking_uri: str, name: str | None = None) -> list[dict[str, Any]]:
+    """Registered models with every version and alias (newest version first)."""
+    client = _client(tracking_uri)
+    flt = f"name = '{name}'" if name else None
+    out = []
+    for m in client.search_registered_models(filter_string=flt, max_results=1000):
+        versions = client.search_model_versions(f"name = '{m.name}'", max_results=1000)
+        by_version: dict[str, list[str]] = {}
+        for alias, version in (m.aliases or {}).items():
+            by_version.setdefault(str(version), []).append(alias)
+        items = sorted(
+            (
+                {
+                    "version": str(v.version),
+                    "run_id": v.run_id,
+                    "status": v.status,
+                    "created_at": v.creation_timestamp,
+                    "aliases": sorted(by_version.get(str(v.version), [])),
+                    "kind": (v.tags or {}).get(KIND_TAG) or (v.tags or {}).get("kind"),
+                    "uri": f"models:/{m.name}/{v.version}",
+                    "url": model_url(tracking_uri, m.name, str(v.version)),
+                }
+                for v in versions
+            ),
+            key=lambda d: int(d["version"]),
+            reverse=True,
+        )
+        out.append(
+            {
+                "name": m.name,
+                "description": m.description or None,
+                "aliases": {a: str(v) for a, v in (m.aliases or {}).items()},
+                "latest_version": items[0]["version"] if items else None,
+                "versions": items,
+                "url": model_url(tracking_uri, m.name),
+            }
+        )
+    return sorted(out, key=lambda d: d["name"])
+
+
+def find_job_run(tracking_uri: str, experiment: str, job_id: str) -> tuple[str, str] | None:
+    """(run_id, run_url) of the run a job logs to, once it exists."""
+    client = _client(tracking_uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return None
+    runs = client.search_runs(
+        [exp.experiment_id], filter_string=f"tags.`{JOB_TAG}` = '{job_id}'", max_results=1
+    )
+    if not runs:
+        return None
+    run = runs[0]
+    return run.info.run_id, run_url(tracking_uri, exp.experiment_id, run.info.run_id)
+
+
+def model_uri(ref: str) -> str:
+    """`name`, `name@alias`, `name/version` or a full `models:/…` URI → a `models:/` URI (default @latest)."""
+    if ref.startswith("models:/"):
+        return ref
+    m = _REF.match(ref)
+    if not m:
+        raise ValueError(f"{ref!r}: expected NAME, NAME@ALIAS or NAME/VERSION")
+    if m["version"]:
+        return f"models:/{m['name']}/{m['version']}"
+    return f"models:/{m['name']}@{m['alias'] or 'latest'}"
+
+
+def _artifact_dir(model_root: Path) -> Path:
+    """The folder holding config.json + weights inside a downloaded pyfunc model."""
+    mlmodel = model_root / "MLmodel"
+    if mlmodel.is_file():
+        meta = yaml.safe_load(mlmodel.read_text()) or {}
+        artifacts = (meta.get("flavors", {}).get("python_function", {}) or {}).get("artifacts") or {}
+        for entry in artifacts.values():
+            path = model_root / (entry.get("path") if isinstance(entry, dict) else str(entry))
+            if (path / "config.json").is_file():
+                return path
+    found = sorted(p.parent for p in model_root.rglob("config.json"))
+    if not found:
+        raise FileNotFoundError(f"no config.json in the downloaded model at {model_root}")
+    return found[0]
+
+
+def download_model(ref: str, dest: Path, tracking_uri: str) -> Path:
+    """Download a registered model and copy its tokenizer (or MaskGIT) directory to `dest`."""
+    import mlflow
+
+    uri = model_uri(ref)
+    dest = Path(dest)
+    if dest.exists() and any(dest.iterdir()):
+        raise FileExistsError(f"{dest} exists and is not empty")
+    mlflow.set_tracking_uri(tracking_uri)  # models:/ URIs resolve through the registry URI
+    mlflow.set_registry_uri(tracking_uri)
+    with tempfile.TemporaryDirectory(prefix="vqtrain-pull-") as tmp:
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tmp))
+        src = _artifact_dir(local)
+        shutil.copytree(src, dest, dirs_exist_ok=True)
+    return dest

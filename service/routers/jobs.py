@@ -1,0 +1,228 @@
+"""`/v1/jobs`: submit a spec (JSON or YAML), list, read, tail logs, cancel."""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Header, HTTPException, Path, Query, Request, status
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse
+from sqlalchemy.orm import Session
+
+from jobs.spec import JobSpec, SpecError, check_allowed_roots, local_paths, parse_spec, parse_text, redacted
+from service import store
+from service.auth import Reader, Writer
+from service.manager import JobManager
+from service.ray_client import RayUnavailable
+from service.schemas import (
+    ErrorResponse,
+    JobCreated,
+    JobDetail,
+    JobKind,
+    JobList,
+    JobLogs,
+    JobState,
+    JobSummary,
+    Progress,
+    SpecErrorResponse,
+)
+
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+MAX_SPEC_BYTES = 1 << 20
+JobId = Annotated[str, Path(max_length=40, description="job id (vq-…)")]
+_AUTH = {401: {"model": ErrorResponse}}
+_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*)://")
+_URL_FIELDS = ("data.train", "data.eval", "checkpoint.storage", "output")
+
+
+def _spec_body_schema() -> dict[str, Any]:
+    return {
+        "required": True,
+        "content": {
+            "application/json": {
+                "schema": JobSpec.model_json_schema(ref_template="#/components/schemas/{model}")
+            },
+            "application/yaml": {"schema": {"type": "string", "description": "the spec as YAML"}},
+        },
+    }
+
+
+def _manager(request: Request) -> JobManager:
+    return request.app.state.manager
+
+
+def _progress(job: store.Job) -> Progress:
+    frac = round(job.step / job.total, 4) if job.step is not None and job.total else None
+    return Progress(step=job.step, total=job.total, fraction=frac)
+
+
+def summary(job: store.Job) -> JobSummary:
+    return JobSummary(
+        id=job.id, name=job.name, kind=JobKind(job.kind), state=JobState(job.state),
+        created_at=job.created_at, updated_at=job.updated_at, progress=_progress(job),
+    )  # fmt: skip
+
+
+def detail(job: store.Job) -> JobDetail:
+    spec = redacted(job.spec)
+    return JobDetail(
+        **summary(job).model_dump(), started_at=job.started_at, ended_at=job.ended_at,
+        metrics=job.metrics or {}, images_per_s=job.images_per_s, eta_seconds=job.eta_seconds,
+        run_id=job.run_id, run_url=job.run_url, model_uri=job.model_uri, output=job.output,
+        failure_reason=job.failure_reason, ray_job_id=job.id, ray_status=job.ray_status,
+        cancel_requested=job.cancel_requested, spec=spec,
+    )  # fmt: skip
+
+
+def _service_checks(spec: JobSpec, request: Request) -> None:
+    """What the service adds to spec validation: absolute local paths, allowed roots and schemes."""
+    settings = request.app.state.settings
+    errors = [
+        {"loc": loc, "msg": f"local path {path!r} must be absolute when submitted to the service"}
+        for loc, path in local_paths(spec)
+        if not path.startswith("/")
+    ]
+    data = spec.model_dump(mode="json")
+    for loc in _URL_FIELDS:
+        section, _, key = loc.partition(".")
+        value = data[section][key] if key else data[section]
+        for url in [value] if isinstance(value, str) else list(value or []):
+            m = _SCHEME.match(url)
+            if m and m.group(1).lower() not in settings.allowed_schemes:
+                errors.append({"loc": loc, "msg": f"scheme {m.group(1)!r} is not allowed by this service"})
+    if errors:
+        raise SpecError(errors)
+    check_allowed_roots(spec, settings.allowed_roots)
+
+
+def _create(request: Request, body: bytes, owner: str, key: str | None) -> JSONResponse:
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError:
+        raise SpecError([{"loc": "", "msg": "the request body must be UTF-8 JSON or YAML"}]) from None
+    spec = parse_spec(parse_text(text, "request body"))
+    _service_checks(spec, request)
+    with request.app.state.sessions() as db:
+        job, created = store.create_job(  # keys are per token: one client cannot reach another's job
+            db, spec.model_dump(mode="json"), spec.name, spec.kind, owner=owner,
+            idempotency_key=f"{owner}:{key}" if key else None,
+        )  # fmt: skip
+    if created:
+        _manager(request).kick()
+    out = JobCreated(id=job.id, state=JobState(job.state), name=job.name, kind=JobKind(job.kind),
+                     created_at=job.created_at, created=created)  # fmt: skip
+    code = status.HTTP_201_CREATED if created else status.HTTP_200_OK
+    return JSONResponse(out.model_dump(mode="json"), status_code=code)
+
+
+@router.post(
+    "",
+    status_code=status.HTTP_201_CREATED,
+    response_model=JobCreated,
+    responses={
+        200: {"model": JobCreated, "description": "Idempotency-Key seen before: that job"},
+        413: {"model": ErrorResponse},
+        422: {"model": SpecErrorResponse, "description": "invalid spec; nothing was stored"},
+        403: {"model": ErrorResponse},
+        **_AUTH,
+    },
+    openapi_extra={"requestBody": _spec_body_schema()},
+)
+async def submit_job(
+    request: Request,
+    principal: Writer,
+    idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
+) -> JSONResponse:
+    """Validate and store a job spec (JSON or YAML); the job goes to Ray as soon as there is room."""
+    body = await request.body()
+    if len(body) > MAX_SPEC_BYTES:
+        raise HTTPException(status.HTTP_413_CONTENT_TOO_LARGE, f"a spec is at most {MAX_SPEC_BYTES} bytes")
+    try:
+        return await run_in_threadpool(_create, request, body, principal.name, idempotency_key)
+    except SpecError as e:
+        return JSONResponse({"detail": e.errors}, status_code=status.HTTP_422_UNPROCESSABLE_CONTENT)
+
+
+@router.get("", response_model=JobList, responses=_AUTH)
+def list_jobs(
+    request: Request,
+    _: Reader,
+    state: JobState | None = None,
+    kind: JobKind | None = None,
+    limit: Annotated[int, Query(ge=1, le=500)] = 50,
+    offset: Annotated[int, Query(ge=0, le=10**9)] = 0,
+) -> JobList:
+    """Jobs, newest first, optionally filtered by state and kind."""
+    with request.app.state.sessions() as db:
+        rows, total = store.list_jobs(
+            db, state.value if state else None, kind.value if kind else None, limit, offset
+        )
+        manager = _manager(request)
+        try:  # reconcile what is on this page and still moving (the background loop does the rest)
+            rows = [manager.refresh(db, j) if j.submitted and j.state in store.ACTIVE else j for j in rows]
+        except RayUnavailable:
+            pass
+        return JobList(items=[summary(j) for j in rows], total=total, limit=limit, offset=offset)
+
+
+def _load(db: Session, job_id: str) -> store.Job:
+    job = store.get_job(db, job_id)
+    if job is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"no job {job_id!r}")
+    return job
+
+
+@router.get("/{job_id}", response_model=JobDetail, responses={404: {"model": ErrorResponse}, **_AUTH})
+def get_job(request: Request, _: Reader, job_id: JobId) -> JobDetail:
+    """State, progress, latest metrics, ETA, MLflow run, registered model, failure reason."""
+    with request.app.state.sessions() as db:
+        job = _load(db, job_id)
+        try:
+            job = _manager(request).refresh(db, job)
+        except RayUnavailable:
+            pass  # answer with what the store knows; the next reconcile catches up
+        return detail(job)
+
+
+@router.get(
+    "/{job_id}/logs",
+    response_model=JobLogs,
+    responses={404: {"model": ErrorResponse}, 503: {"model": ErrorResponse}, **_AUTH},
+)
+def job_logs(
+    request: Request,
+    _: Reader,
+    job_id: JobId,
+    tail: Annotated[int | None, Query(ge=1, le=100_000)] = None,
+    offset: Annotated[int | None, Query(ge=0, le=10**9)] = None,
+) -> JobLogs:
+    """The job's driver log: the last `tail` lines, or every line from `offset` on (for following)."""
+    with request.app.state.sessions() as db:
+        job = _load(db, job_id)
+        lines: list[str] = []
+        if job.submitted:
+            lines = _manager(request).ray.logs(job.id).splitlines()
+        end = len(lines)
+        if offset is not None:
+            lines = lines[offset:]
+        else:
+            lines = lines[-(tail or request.app.state.settings.log_tail_lines) :]
+        return JobLogs(id=job.id, state=JobState(job.state), lines=lines, next_offset=end)
+
+
+@router.post(
+    "/{job_id}/cancel",
+    response_model=JobDetail,
+    responses={
+        404: {"model": ErrorResponse},
+        403: {"model": ErrorResponse},
+        503: {"model": ErrorResponse},
+        **_AUTH,
+    },
+)
+def cancel_job(request: Request, _: Writer, job_id: JobId) -> JobDetail:
+    """Cancel a job: at once if Ray has not started it, else Ray stops it (state follows)."""
+    with request.app.state.sessions() as db:
+        job = _manager(request).cancel(db, _load(db, job_id))
+        return detail(job)

@@ -1,0 +1,81 @@
+"""Service settings, read from the environment (`VQTRAIN_*`) by pydantic-settings.
+
+Tokens are kept only as SHA-256 hashes: `VQTRAIN_TOKENS` is a JSON list of
+`{"name": "ci", "sha256": "<hex>", "read_only": false}`; an entry may give `"token": "<plain>"`
+instead, which is hashed on load and never kept.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def hash_token(token: str) -> str:
+    """The form tokens are stored and compared in."""
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+class TokenEntry(BaseModel):
+    name: str = "token"
+    sha256: str = Field("", pattern=r"^([0-9a-f]{64})?$")
+    read_only: bool = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _hash_plain(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("token"):
+            data = {k: v for k, v in data.items() if k != "token"} | {"sha256": hash_token(data["token"])}
+        return data
+
+    @model_validator(mode="after")
+    def _has_hash(self) -> TokenEntry:
+        if not self.sha256:
+            raise ValueError(f"token {self.name!r}: give sha256 (or token)")
+        return self
+
+
+def default_home() -> Path:
+    return Path(os.environ.get("VQTRAIN_HOME") or "~/.vqtrain").expanduser()
+
+
+class Settings(BaseSettings):
+    """Everything the service needs to know; `vqtrain serve` fills the gaps with embedded servers."""
+
+    model_config = SettingsConfigDict(env_prefix="VQTRAIN_", extra="ignore")
+
+    home: Path = Field(default_factory=default_home, description="state directory ($VQTRAIN_HOME)")
+    ray_address: str | None = Field(None, description="Ray Jobs API (http://head:8265) or cluster address")
+    mlflow_uri: str | None = Field(None, description="MLflow tracking URI given to jobs and used for models")
+    store_url: str | None = Field(None, description="SQLAlchemy URL of the job store; default SQLite in home")
+    tokens: list[TokenEntry] = Field(default_factory=list)
+    allowed_roots: list[str] = Field(default_factory=list, description="local paths a spec may use")
+    allowed_schemes: list[str] = Field(
+        ["s3", "gs", "http", "https", "file"], description="remote data URL schemes"
+    )
+    max_active_jobs: int = Field(
+        4, ge=0, description="jobs on Ray at once; more wait queued; 0 = dispatch paused"
+    )
+    poll_interval: float = Field(2.0, gt=0, description="seconds between reconcile passes")
+    entrypoint_python: str = Field(default_factory=lambda: sys.executable)
+    job_env: dict[str, str] = Field(default_factory=dict, description="extra env vars for every job")
+    runtime_env: dict[str, Any] = Field(
+        default_factory=dict, description="extra Ray runtime_env for every job"
+    )
+    log_tail_lines: int = Field(200, ge=1)
+
+    @model_validator(mode="after")
+    def _fallbacks(self) -> Settings:
+        if self.mlflow_uri is None and os.environ.get("MLFLOW_TRACKING_URI"):
+            self.mlflow_uri = os.environ["MLFLOW_TRACKING_URI"]
+        return self
+
+    @property
+    def resolved_store_url(self) -> str:
+        return self.store_url or f"sqlite:///{self.home / 'service.db'}"

@@ -1,0 +1,228 @@
+"""The job spec: defaults, field-path errors, quantizer options from `QuantizerOptions`, URL rules,
+allowed roots, flattening, the JSON Schema, the CLI (`vqtrain spec`) and the example specs."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from jobs.spec import (
+    JobSpec,
+    MaskGITModelSpec,
+    QuantizerSpec,
+    SpecError,
+    TokenizerModelSpec,
+    absolute_paths,
+    check_allowed_roots,
+    flatten_spec,
+    load_spec,
+    parse_spec,
+)
+from vqmodels.quantize.options import PRESETS, QuantizerOptions
+
+REPO = Path(__file__).resolve().parents[2]
+MINIMAL = """\
+kind: tokenizer
+name: cifar-tokenizer
+data:
+  train: /data/cifar10/manifest.json
+optim:
+  steps: 100
+"""
+
+
+def base(**over) -> dict:
+    d = {"kind": "tokenizer", "name": "t", "data": {"train": "/data/shards"}}
+    d.update(over)
+    return d
+
+
+def errors_of(data) -> dict[str, str]:
+    with pytest.raises(SpecError) as ei:
+        parse_spec(data) if isinstance(data, dict) else load_spec(data)
+    return {e["loc"]: e["msg"] for e in ei.value.errors}
+
+
+def test_minimal_spec_gets_defaults():
+    spec = load_spec(MINIMAL)
+    assert len(MINIMAL.splitlines()) <= 10
+    assert isinstance(spec.model, TokenizerModelSpec) and spec.model.codebook_size == 1024
+    assert spec.optim.steps == 100 and spec.optim.batch_size == 64
+    assert spec.quantizer.preset == "default"
+    assert spec.quantizer.options() == QuantizerOptions(**PRESETS["default"])
+    assert spec.model_name == "cifar-tokenizer" and spec.register.alias == "latest"
+
+
+def test_importable_without_torch():
+    code = "import sys; sys.modules['torch'] = None; import jobs.spec; print(jobs.spec.load_spec.__name__)"
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "load_spec" in out.stdout
+
+
+def test_model_follows_kind():
+    spec = parse_spec(base(kind="maskgit", tokenizer="models:/tok@latest", model={"dim": 128, "heads": 8}))
+    assert isinstance(spec.model, MaskGITModelSpec) and spec.model.dim == 128
+    # the same keys are wrong for a tokenizer job, and the error says where
+    errs = errors_of(base(model={"dim": 128}))
+    assert "model.dim" in errs
+    assert isinstance(parse_spec(base(kind="maskgit", tokenizer="models:/t/3")).model, MaskGITModelSpec)
+    assert errors_of(base(kind="tokenize", tokenizer="models:/t@a", output="/out", model={}))["model"]
+
+
+@pytest.mark.parametrize(
+    ("over", "loc"),
+    [
+        ({"optim": {"steps": 0}}, "optim.steps"),
+        ({"optim": {"batch_size": -1}}, "optim.batch_size"),
+        ({"optim": {"steps": 10, "warmup_steps": 20}}, "optim.warmup_steps"),
+        ({"resources": {"workers": 0}}, "resources.workers"),
+        ({"data": {"train": "pipe:curl http://x"}}, "data.train"),
+        ({"data": {"train": ["/ok", "ftp://host/x.tar"]}}, "data.train"),
+        ({"data": {"train": "/ok", "eval": "pipe:cat x"}}, "data.eval"),
+        ({"data": {"train": "/ok", "image_size": 30}}, "data.image_size"),
+        ({"model": {"channel_mult": [1]}}, "model.channel_mult"),
+        ({"model": {"rec_loss": "l3"}}, "model.rec_loss"),
+        ({"model": {"adversarial": {"loss": "wgan"}}}, "model.adversarial.loss"),
+        ({"quantizer": {"beta": 1.5}}, "quantizer.beta"),
+        ({"quantizer": {"preset": "nope"}}, "quantizer.preset"),
+        ({"quantizer": {"codebook": "simvq", "update": "ema"}}, "quantizer.update"),
+        ({"quantizer": {"distance": "manhattan"}}, "quantizer.distance"),
+        ({"name": "Has Spaces"}, "name"),
+        ({"tokenizer": "models:/t@a"}, "tokenizer"),
+        ({"output": "/out"}, "output"),
+        ({"checkpoint": {"storage": "pipe:x"}}, "checkpoint.storage"),
+        ({"register": {"alias": "bad alias"}}, "register.alias"),
+    ],
+)
+def test_every_error_names_its_field(over, loc):
+    assert loc in errors_of(base(**over))
+
+
+def test_kind_requirements():
+    assert "tokenizer" in errors_of(base(kind="maskgit"))
+    errs = errors_of(base(kind="tokenize", tokenizer="models:/t@a"))
+    assert "output" in errs
+    assert "tokenizer" in errors_of(base(kind="maskgit", tokenizer="models:/no-alias"))
+    assert "tokenizer" in errors_of(base(kind="maskgit", tokenizer="s3://bucket/tok"))
+    assert parse_spec(base(kind="tokenize", tokenizer="/models/tok", output="s3://b/tokens")).model is None
+    assert "kind" in errors_of(base(kind="vae"))
+
+
+def test_unknown_fields_are_errors_with_a_hint():
+    errs = errors_of(base(optim={"stpes": 10}, extra_top=1))
+    assert "did you mean 'steps'" in errs["optim.stpes"]
+    assert "extra_top" in errs
+
+
+def test_all_errors_reported_at_once():
+    errs = errors_of(base(name="", optim={"steps": 0}, resources={"workers": 0}, quantizer={"beta": -1}))
+    assert {"name", "optim.steps", "resources.workers", "quantizer.beta"} <= set(errs)
+
+
+def test_quantizer_section_mirrors_options():
+    names = {f.name for f in dataclasses.fields(QuantizerOptions)}
+    assert set(QuantizerSpec.model_fields) == names | {"preset"}
+    spec = parse_spec(base(quantizer={"preset": "ema", "replace_every": 5, "distance": "cosine"}))
+    opts = spec.quantizer.options()
+    assert opts.update == "ema" and opts.kmeans_init is True  # from the preset
+    assert opts.replace_every == 5 and opts.distance == "cosine"  # explicit wins
+    assert spec.quantizer.beta == QuantizerOptions().beta  # resolved values are visible on the spec
+    plain = parse_spec(base(quantizer={"preset": "plain"})).quantizer.options()
+    assert plain == QuantizerOptions()
+
+
+def test_data_url_forms():
+    for train in ["/abs/dir", "rel/dir", "file:///abs/x-{000..009}.tar", "s3://b/p/train-{000000..000009}.tar",
+                  "gs://b/p/", "https://host/manifest.json", ["s3://b/a.tar", "s3://b/b.tar"]]:  # fmt: skip
+        assert parse_spec(base(data={"train": train})).data.train == train
+
+
+def test_load_spec_sources(tmp_path):
+    f = tmp_path / "spec.yaml"
+    f.write_text(MINIMAL)
+    assert load_spec(f).name == "cifar-tokenizer"
+    assert load_spec(str(f)).name == "cifar-tokenizer"
+    j = tmp_path / "spec.json"
+    j.write_text(json.dumps(base()))
+    assert load_spec(j).name == "t"
+    assert load_spec(json.dumps(base())).name == "t"
+    assert "does not exist" in errors_of(str(tmp_path / "missing.yaml"))[""]
+    assert "not valid YAML" in errors_of("kind: [tokenizer\nname: x\n")[""]
+    assert "mapping" in errors_of("[1, 2]")[""]
+
+
+def test_round_trip_is_stable():
+    spec = parse_spec(base(quantizer={"preset": "huh2023"}, model={"adversarial": {"weight": 0.5}}))
+    again = parse_spec(spec.model_dump(mode="json"))
+    assert again == spec
+    assert JobSpec.model_validate_json(spec.model_dump_json()) == spec
+
+
+def test_flatten_spec_redacts_credentials():
+    spec = parse_spec(base(data={"train": "s3://b/x", "storage_options": {"key": "AKIA", "secret": "s3cr3t",
+                                                                          "endpoint_url": "http://h:9000"}}))  # fmt: skip
+    flat = flatten_spec(spec)
+    assert flat["data.storage_options.key"] == "***" and flat["data.storage_options.secret"] == "***"
+    assert flat["data.storage_options.endpoint_url"] == "http://h:9000"
+    assert flat["optim.steps"] == "1000" and flat["model.channel_mult"] == "[1, 2, 2]"
+    assert flat["quantizer.kmeans_init"] == "true"
+    assert all(isinstance(v, str) for v in flat.values())
+    assert spec.data.storage_options["secret"] == "s3cr3t"  # the job itself still gets it
+
+
+def test_allowed_roots(tmp_path):
+    root = tmp_path / "data"
+    check_allowed_roots(parse_spec(base(data={"train": f"{root}/c10/train-{{000..009}}.tar"})), [root])
+    check_allowed_roots(parse_spec(base(data={"train": "s3://anything"})), [])  # remote URLs are not local paths
+    for bad in ["/etc/passwd", f"{root}/../secrets", f"file://{tmp_path}/other"]:
+        with pytest.raises(SpecError) as ei:
+            check_allowed_roots(parse_spec(base(data={"train": bad})), [root])
+        assert ei.value.errors[0]["loc"] == "data.train"
+    with pytest.raises(SpecError) as ei:
+        check_allowed_roots(parse_spec(base(data={"train": "c10"}, checkpoint={"storage": "/ckpt"})), [root], base=root)
+    assert [e["loc"] for e in ei.value.errors] == ["checkpoint.storage"]
+
+
+def test_absolute_paths(tmp_path):
+    spec = absolute_paths(parse_spec(base(data={"train": "shards/m.json", "eval": "s3://b/e"})), tmp_path)
+    assert spec.data.train == str(tmp_path / "shards/m.json") and spec.data.eval == "s3://b/e"
+
+
+def test_json_schema_documents_every_section():
+    schema = JobSpec.model_json_schema()
+    assert {"kind", "name", "data", "model", "quantizer", "optim", "resources", "checkpoint", "tracking",
+            "register", "tokenizer", "output"} == set(schema["properties"])  # fmt: skip
+    q = schema["$defs"]["QuantizerSpec"]
+    assert set(q["properties"]) == {f.name for f in dataclasses.fields(QuantizerOptions)} | {"preset"}
+    assert q["additionalProperties"] is False
+
+
+def test_cli_spec_schema_and_check(tmp_path):
+    from service.cli import app
+
+    runner = CliRunner()
+    out = runner.invoke(app, ["spec", "schema"])
+    assert out.exit_code == 0 and json.loads(out.stdout)["title"] == "JobSpec"
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("kind: tokenizer\nname: x\ndata: {train: 'pipe:ls'}\noptim: {steps: 0}\n")
+    out = runner.invoke(app, ["spec", "check", str(bad)])
+    assert out.exit_code == 1
+    assert "data.train" in out.stderr and "optim.steps" in out.stderr
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "examples").glob("*.yaml")), ids=lambda p: p.name)
+def test_examples_validate(path):
+    spec = load_spec(path)
+    assert spec.name and spec.kind in ("tokenizer", "maskgit", "tokenize")
+
+
+def test_examples_cover_every_kind():
+    kinds = {load_spec(p).kind for p in (REPO / "examples").glob("*.yaml")}
+    assert kinds == {"tokenizer", "maskgit", "tokenize"}

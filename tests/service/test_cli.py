@@ -1,0 +1,99 @@
+"""The CLI against a live API (`VQTRAIN_URL`): submit, status, logs, cancel, models, error paths; and
+`vqtrain run`'s handling of the job's output stream."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+from typer.testing import CliRunner
+
+from service import cli_jobs
+from service.cli import app as cli
+from tests.service.conftest import ADMIN
+
+runner = CliRunner()
+
+
+@pytest.fixture
+def api(live, make_settings):
+    return live(make_settings(max_active_jobs=0))
+
+
+@pytest.fixture
+def env(api, tmp_path):
+    return {"VQTRAIN_URL": api.url, "VQTRAIN_TOKEN": ADMIN, "VQTRAIN_HOME": str(tmp_path / "cli-home")}
+
+
+def write_spec(path, train: str) -> None:
+    path.write_text(f"kind: tokenizer\nname: cli-job\ndata:\n  train: {train}\noptim:\n  steps: 10\n")
+
+
+def test_submit_status_logs_cancel(env, tmp_path):
+    spec = tmp_path / "job.yaml"
+    write_spec(spec, "shards/manifest.json")  # relative to the spec file; the CLI sends it absolute
+    out = runner.invoke(cli, ["submit", str(spec)], env=env)
+    assert out.exit_code == 0, out.output
+    job_id, state = out.stdout.split()
+    assert job_id.startswith("vq-") and state == "queued"
+
+    out = runner.invoke(cli, ["status"], env=env)
+    assert out.exit_code == 0 and job_id in out.stdout and "(1 of 1)" in out.stdout
+    out = runner.invoke(cli, ["status", job_id, "--json"], env=env)
+    detail = json.loads(out.stdout)
+    assert detail["spec"]["data"]["train"] == str(tmp_path / "shards/manifest.json")
+    out = runner.invoke(cli, ["logs", job_id], env=env)
+    assert out.exit_code == 0 and out.stdout == ""
+    out = runner.invoke(cli, ["cancel", job_id], env=env)
+    assert out.exit_code == 0 and out.stdout.strip() == f"{job_id} cancelled"
+    out = runner.invoke(cli, ["status", "--state", "cancelled"], env=env)
+    assert job_id in out.stdout
+    out = runner.invoke(cli, ["models"], env=env)
+    assert out.exit_code == 0 and out.stdout.startswith("MLflow: http://127.0.0.1:")
+
+
+def test_submit_errors(env, tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("kind: tokenizer\nname: x\ndata: {train: 'pipe:ls'}\n")
+    out = runner.invoke(cli, ["submit", str(bad)], env=env)  # refused locally, before any request
+    assert out.exit_code == 2 and "data.train" in out.stderr
+    outside = tmp_path / "outside.yaml"
+    write_spec(outside, "/etc/shards")
+    out = runner.invoke(cli, ["submit", str(outside)], env=env)  # refused by the service (allowed roots)
+    assert out.exit_code == 2 and "data.train" in out.stderr and "allowed roots" in out.stderr
+    out = runner.invoke(cli, ["status"], env=env | {"VQTRAIN_TOKEN": "wrong"})
+    assert out.exit_code == 1 and "401" in out.stderr
+    out = runner.invoke(cli, ["status", "vq-nope"], env=env)
+    assert out.exit_code == 1 and "404" in out.stderr
+
+
+def test_without_a_service(tmp_path):
+    env = {"VQTRAIN_URL": "", "VQTRAIN_HOME": str(tmp_path)}
+    out = runner.invoke(cli, ["status"], env=env)
+    assert out.exit_code == 2 and "vqtrain serve" in out.stderr
+
+
+def test_run_refuses_an_invalid_spec_before_starting_anything(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("kind: tokenizer\nname: x\ndata: {train: /d}\noptim: {steps: 0}\nquantizer: {beta: 3}\n")
+    out = runner.invoke(cli, ["run", str(bad)], env={"VQTRAIN_HOME": str(tmp_path)})
+    assert out.exit_code == 2 and "optim.steps" in out.stderr and "quantizer.beta" in out.stderr
+    assert not (tmp_path / "mlflow.json").exists()  # no MLflow was started for it
+
+
+def test_run_turns_progress_lines_into_a_result(tmp_path):
+    """`vqtrain run`'s stream handling, on a child that prints what `python -m jobs.run` prints."""
+    lines = [
+        'VQTRAIN_PROGRESS {"step": 1, "total": 2, "metrics": {"loss/total": 0.5}, "images_per_s": 10.0}',
+        "(RayTrainWorker pid=1) chatter",
+        'VQTRAIN_PROGRESS {"step": 2, "total": 2, "metrics": {"loss/total": 0.25}, "images_per_s": 12.0}',
+        'VQTRAIN_RESULT {"run_url": "http://m/#/experiments/1/runs/r", "model_uri": "models:/t@latest"}',
+    ]
+    code = f"print({chr(10).join(lines)!r})"
+    log = tmp_path / "run.log"
+    rc, result = cli_jobs._run_child([sys.executable, "-c", code], {}, log, "t", verbose=False)
+    assert rc == 0 and result["model_uri"] == "models:/t@latest"
+    assert log.read_text().splitlines() == lines
+    rc, _ = cli_jobs._run_child([sys.executable, "-c", "raise SystemExit(3)"], {}, log, "t", verbose=False)
+    assert rc == 3

@@ -1,0 +1,45 @@
+"""What the service reads out of a job's log, and the command it hands to Ray."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+
+from service.ray_client import entrypoint, parse_logs, spec_env
+
+
+def test_parse_logs_takes_latest_progress_result_and_error():
+    text = "\n".join(
+        [
+            "Running entrypoint for job vq-1: python -m jobs.run",
+            'VQTRAIN_PROGRESS {"step": 10, "total": 100, "metrics": {"loss/total": 0.5}}',
+            "(RayTrainWorker pid=7) noise VQTRAIN_PROGRESS {not json",
+            'VQTRAIN_PROGRESS {"step": 20, "total": 100, "metrics": {"loss/total": 0.4}}',
+            'VQTRAIN_PROGRESS {"step": 12, "total": 100, "metrics": {}}',  # restarted from a checkpoint
+            'VQTRAIN_PROGRESS {"step": 30, "total": 100, "metrics": {"loss/total": 0.3}}',
+            "vqtrain: job vq-1 failed: worker died",
+            "vqtrain: run http://mlflow/#/experiments/1/runs/abc",
+            'VQTRAIN_RESULT {"run_id": "abc", "model_uri": "models:/t@latest"}',
+        ]
+    )
+    r = parse_logs(text)
+    assert r.progress["step"] == 30 and r.first_progress["step"] == 12
+    assert r.result == {"run_id": "abc", "model_uri": "models:/t@latest"}
+    assert r.failure == "job vq-1 failed: worker died"
+    spec_err = parse_logs("invalid job spec:\n  data.train: no shards\n  optim.steps: >= 1\nTraceback")
+    assert spec_err.failure == "invalid job spec: data.train: no shards optim.steps: >= 1"
+    assert parse_logs("").progress is None
+
+
+def test_entrypoint_gets_the_spec_from_the_environment_through_the_shell(tmp_path):
+    spec = {"name": "it's \"quoted\" $HOME `x`", "data": {"storage_options": {"secret": "s"}}}
+    script = tmp_path / "show.py"
+    script.write_text("import json, sys; print(json.dumps(sys.argv[1:]))\n")
+    cmd = entrypoint(f"python3 {script} #", "vq-1")  # the interpreter part is quoted as one word
+    assert "secret" not in cmd and "$VQTRAIN_SPEC_JSON" in cmd
+    cmd = cmd.replace(f"'python3 {script} #'", f"python3 {script}")
+    out = subprocess.run(cmd, shell=True, env=os.environ | spec_env(spec), capture_output=True, text=True)
+    argv = json.loads(out.stdout)
+    assert argv[:4] == ["-m", "jobs.run", "--job-id", "vq-1"] and argv[4] == "--spec-json"
+    assert json.loads(argv[5]) == spec
