@@ -14,6 +14,17 @@ _LAZY = {
     "QuantizerOutput": "vqmodels.quantize.quantizer",
     "QuantizerOptions": "vqmodels.quantize.options",
     "PRESETS": "vqmodels.quantize.options",
+    "Tokenizer": "vqmodels.tokenizer",
+    "TokenizerConfig": "vqmodels.tokenizer",
+    "TokenizerOutput": "vqmodels.tokenizer",
+    "MaskGIT": "vqmodels.maskgit",
+    "MaskGITConfig": "vqmodels.maskgit",
+    "MaskGITOutput": "vqmodels.maskgit",
+    "ARTransformer": "vqmodels.ar",
+    "ARConfig": "vqmodels.ar",
+    "save": "vqmodels.checkpoint",
+    "load": "vqmodels.checkpoint",
+    "load_tokenizer": "vqmodels.checkpoint",
 }
 
 

@@ -18,7 +18,12 @@ from torch import nn
 
 from vqmodels.quantize import dist
 from vqmodels.quantize.codebook import Codebook
-from vqmodels.quantize.estimators import fused_straight_through, rotation_trick, straight_through, synchronised
+from vqmodels.quantize.estimators import (
+    fused_straight_through,
+    rotation_trick,
+    straight_through,
+    synchronised,
+)
 from vqmodels.quantize.kmeans import kmeans, nearest, sq_distances
 from vqmodels.quantize.options import QuantizerOptions, resolve_options
 
