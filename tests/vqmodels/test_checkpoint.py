@@ -16,15 +16,6 @@ from vqmodels.maskgit import MaskGIT, MaskGITConfig
 from vqmodels.tokenizer import Tokenizer, TokenizerConfig
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """Tiny models: one intra-op thread is as fast and far faster on a shared, oversubscribed CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def trained_tokenizer(**overrides) -> Tokenizer:
     """A debug tokenizer after a few steps, so k-means init, running stats and counters are non-trivial."""
     torch.manual_seed(0)

@@ -13,15 +13,6 @@ from vqmodels.maskgit import MaskGIT, MaskGITConfig, decoding_schedule, gamma, m
 K, N = 64, 64  # debug codebook and 8×8 grid
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """Tiny models: one intra-op thread is as fast and far faster on a shared, oversubscribed CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def codes(b: int, seed: int = 0) -> torch.Tensor:
     return torch.randint(0, K, (b, 8, 8), generator=torch.Generator().manual_seed(seed))
 

@@ -22,7 +22,7 @@ def _train_usage(**options) -> float:
     q = VectorQuantizer(8, 128, **options)
     params = [*enc.parameters(), *dec.parameters(), *q.parameters()]
     opt = torch.optim.Adam(params, lr=3e-3)
-    for _ in range(300):
+    for _ in range(200):
         batch = x[torch.randint(len(x), (256,))]
         out = q(enc(batch))
         loss = (dec(out.z_q) - batch).pow(2).mean() + out.loss

@@ -17,15 +17,6 @@ from vqmodels.tokenizer import Tokenizer, TokenizerConfig
 CIFAR = Path(__file__).resolve().parents[2].parent / "shared/data/cifar10/train.tar"
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """Tiny models: one intra-op thread is as fast and far faster on a shared, oversubscribed CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def images(b: int = 2, size: int = 32, seed: int = 0) -> torch.Tensor:
     return torch.rand(b, 3, size, size, generator=torch.Generator().manual_seed(seed)) * 2 - 1
 
