@@ -161,11 +161,17 @@ def classifier(x: np.ndarray, y: np.ndarray) -> nn.Module:
     return model.eval()
 
 
-def run(name: str, steps: int, batch: int, seed: int) -> dict:
+def run(name: str, steps: int, batch: int, seed: int, overrides: dict | None = None) -> dict:
     x, y = load_cifar()
     judge = classifier(x, y)
     torch.manual_seed(seed)
-    enc, dec, q = Encoder(), Decoder(), CONFIGS[name]()
+    if overrides:  # variations of one of our presets, e.g. --set replace_every=10
+        preset = OURS[name]().preset
+        q = VectorQuantizer(64, 1024, preset=preset, **overrides)
+        name = f"{name}+" + ",".join(f"{k}={v}" for k, v in overrides.items())
+    else:
+        q = CONFIGS[name]()
+    enc, dec = Encoder(), Decoder()
     params = [*enc.parameters(), *dec.parameters(), *q.parameters()]
     opt = torch.optim.Adam([p for p in params if p.requires_grad], lr=3e-4)
     train = x[HELD_OUT:]
@@ -210,6 +216,15 @@ def run(name: str, steps: int, batch: int, seed: int) -> dict:
     }
 
 
+def _option(text: str) -> tuple[str, object]:
+    """`key=value` with a JSON value (numbers, true/false) or a bare string."""
+    key, _, value = text.partition("=")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--configs", default="ours/default", help="comma-separated; see --list")
@@ -217,15 +232,20 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="", help="append each result as a JSON line to this file")
+    ap.add_argument("--set", action="append", default=[], help="option=value on top of an ours/ preset")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--list", action="store_true")
     args = ap.parse_args()
     if args.list:
         print("\n".join(CONFIGS))
         return
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    overrides = dict(_option(s) for s in args.set)
     for name in args.configs.split(","):
-        if name not in CONFIGS:
-            raise SystemExit(f"--configs: unknown configuration {name!r}; see --list")
-        result = run(name, args.steps, args.batch, args.seed)
+        if name not in CONFIGS or (overrides and name not in OURS):
+            raise SystemExit(f"--configs: unknown configuration {name!r} (--set needs an ours/ one); see --list")
+        result = run(name, args.steps, args.batch, args.seed, overrides)
         print(json.dumps(result), flush=True)
         if args.out:
             with open(args.out, "a") as f:

@@ -1,0 +1,578 @@
+"""The one helpers module of the training jobs: worker context, seeding, DDP, schedule, precision,
+progress lines, checkpoints and the test hooks.
+
+Every job loop (tokenizer, maskgit, tokenize) runs inside a Ray Train worker and uses these; nothing
+here knows about a particular model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import sys
+import tempfile
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TextIO
+
+import numpy as np
+import ray
+import torch
+import torch.distributed as dist
+
+PROGRESS_PREFIX = "VQTRAIN_PROGRESS "
+RESULT_PREFIX = "VQTRAIN_RESULT "
+STATE_FILE = "state.pt"
+
+
+# --------------------------------------------------------------------------------------------- worker
+
+
+@dataclass(frozen=True)
+class Worker:
+    """Where this training process sits in the job."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def worker_context(cpus_per_worker: int = 1) -> Worker:
+    """Rank, world size and device of the calling Ray Train worker (single process outside Ray Train)."""
+    try:
+        ctx = ray.train.get_context()
+        rank, world, local = ctx.get_world_rank(), ctx.get_world_size(), ctx.get_local_rank()
+    except Exception:  # not inside a Ray Train worker (benchmarks, debugging)
+        rank, world, local = 0, 1, 0
+    torch.set_num_threads(max(1, int(cpus_per_worker)))
+    device = torch.device(f"cuda:{local}") if torch.cuda.is_available() else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    return Worker(rank, world, local, device)
+
+
+def seed_everything(seed: int, rank: int = 0) -> None:
+    """Seed python, numpy and torch; ranks get different streams so their data augmentation differs."""
+    s = int(seed) * 1000 + int(rank)
+    random.seed(s)
+    np.random.seed(s % (2**32))
+    torch.manual_seed(s)
+
+
+def rng_state() -> dict[str, Any]:
+    """All RNG states of this process, for the checkpoint (a resumed job continues the same streams)."""
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def wrap_ddp(model: torch.nn.Module, worker: Worker, ignore_prefix: str | None = None) -> torch.nn.Module:
+    """DDP that syncs buffers once, at construction, but not before every forward: the quantizer keeps its
+    buffers (EMA statistics, usage, running affine) identical across ranks through its own collectives.
+
+    Parameters and buffers under `ignore_prefix` (e.g. "discriminator.") are left out of DDP; the
+    caller syncs them itself (`average_gradients`).
+    """
+    model = model.to(worker.device)
+    if not is_distributed():
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    if ignore_prefix:
+        names = [n for n, _ in [*model.named_parameters(), *model.named_buffers()] if n.startswith(ignore_prefix)]
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, names)
+
+    ids = [worker.device.index] if worker.device.type == "cuda" else None
+    return DistributedDataParallel(model, device_ids=ids, forward_sync_buffers=False, find_unused_parameters=False)
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum a tensor over ranks (identity on one process); used to pool eval statistics."""
+    if is_distributed():
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+# ------------------------------------------------------------------------------------------ schedule
+
+
+def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
+    """Multiplier of the base learning rate: linear warm-up, then constant or cosine decay to zero."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    span = max(1, total - warmup)
+    progress = min(1.0, max(0.0, (step - warmup) / span))
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def set_lr(optimizer: torch.optim.Optimizer, factor: float) -> None:
+    """Scale every group's `base_lr` (set when the optimiser is built), keeping per-group multipliers."""
+    for group in optimizer.param_groups:
+        group["lr"] = group.setdefault("base_lr", group["lr"]) * factor
+
+
+class Precision:
+    """Autocast and gradient scaling for the spec's `optim.precision` (fp32 | bf16 | fp16)."""
+
+    def __init__(self, precision: str, device: torch.device):
+        self.dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+        self.device = device
+        self.scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype)
+
+    def step(
+        self,
+        loss: torch.Tensor,
+        optimizer: torch.optim.Optimizer,
+        params: list[torch.nn.Parameter],
+        grad_clip: float | None,
+        sync: Callable[[list[torch.nn.Parameter]], None] | None = None,
+    ) -> float:
+        """zero_grad, backward, (sync gradients,) unscale, clip and step; returns the gradient norm
+        before clipping (0 when clipping is off)."""
+        optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        if sync is not None:
+            sync(params)
+        norm = 0.0
+        if grad_clip:
+            self.scaler.unscale_(optimizer)
+            norm = float(torch.nn.utils.clip_grad_norm_(params, grad_clip))
+        self.scaler.step(optimizer)
+        self.scaler.update()
+        return norm
+
+
+def average_gradients(params: list[torch.nn.Parameter]) -> None:
+    """Mean of the gradients over ranks in one flat all-reduce, for a module trained outside DDP
+    (the tokenizer's discriminator, whose parameters the generator's DDP ignores)."""
+    if not is_distributed():
+        return
+    for p in params:  # every rank must contribute the same layout
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    grads = [p.grad for p in params]
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    flat /= dist.get_world_size()
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset : offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
+# ------------------------------------------------------------------------------------------ progress
+
+
+@ray.remote(num_cpus=0)
+class ProgressSink:
+    """Collects rank 0's progress records so that the driver prints them on its own stdout."""
+
+    def __init__(self) -> None:
+        self.items: list[dict] = []
+
+    def push(self, item: dict) -> None:
+        self.items.append(item)
+
+    def drain(self) -> list[dict]:
+        items, self.items = self.items, []
+        return items
+
+
+def progress_line(item: dict) -> str:
+    return PROGRESS_PREFIX + json.dumps(item, separators=(",", ":"))
+
+
+class ProgressPrinter:
+    """Driver side: a thread that drains the sink and prints one `VQTRAIN_PROGRESS {...}` line per record."""
+
+    def __init__(self, sink: Any, out: TextIO | None = None, interval: float = 0.5):
+        self.sink, self.out, self.interval = sink, out, interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="vqtrain-progress", daemon=True)
+
+    def __enter__(self) -> ProgressPrinter:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+        self._flush()
+
+    def _flush(self) -> None:
+        try:
+            items = ray.get(self.sink.drain.remote(), timeout=10)
+        except Exception:  # the sink is best effort: progress must never fail the job
+            return
+        out = self.out or sys.stdout
+        for item in items:
+            out.write(progress_line(item) + "\n")
+        out.flush()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._flush()
+
+
+class Progress:
+    """Rank 0 side: throttled progress records (every `interval` s and at the last step)."""
+
+    def __init__(self, sink: Any, total: int, worker: Worker, interval: float = 0.5):
+        self.sink, self.total, self.worker, self.interval = sink, total, worker, interval
+        self._last = 0.0
+
+    def update(self, step: int, metrics: dict[str, float], images_per_s: float | None, force: bool = False) -> None:
+        if not self.worker.is_main:
+            return
+        now = time.monotonic()
+        if not force and step < self.total and now - self._last < self.interval:
+            return
+        self._last = now
+        item = {
+            "step": int(step),
+            "total": int(self.total),
+            "metrics": {k: round(float(v), 6) for k, v in metrics.items() if _finite(v)},
+            "images_per_s": None if images_per_s is None else round(float(images_per_s), 2),
+        }
+        if self.sink is None:
+            print(progress_line(item), flush=True)
+        else:
+            self.sink.push.remote(item)
+
+
+def _finite(v: Any) -> bool:
+    try:
+        return math.isfinite(float(v))
+    except (TypeError, ValueError):
+        return False
+
+
+class SyncClock:
+    """Seconds this process spent inside the quantizer's own collectives (`vqmodels.quantize.dist`), i.e.
+    keeping the codebook in sync across ranks; wrapped once per process. With gloo the collectives are
+    synchronous, so this is their full cost (waiting for the slowest rank included); with NCCL it is
+    the launch cost plus whatever the quantizer waits for."""
+
+    seconds = 0.0
+    _installed = False
+
+    @classmethod
+    def install(cls) -> type[SyncClock]:
+        if cls._installed:
+            return cls
+        from vqmodels.quantize import dist as qdist
+
+        for name in ("all_reduce_", "broadcast_", "all_gather_rows"):
+            fn = getattr(qdist, name, None)
+            if fn is not None:
+                setattr(qdist, name, cls._timed(fn))
+        cls._installed = True
+        return cls
+
+    @classmethod
+    def _timed(cls, fn: Callable) -> Callable:
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            t = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                cls.seconds += time.perf_counter() - t
+
+        return timed
+
+
+class Throughput:
+    """Images per second of the training steps: the time from one step's end to the next, so data
+    loading and logging count, while eval, images and checkpoints (`pause()` after them) do not.
+    Also the share of that time spent syncing the codebook (`SyncClock`)."""
+
+    def __init__(self, world_size: int = 1, window: int = 50, warmup: int = 5):
+        self.world_size = world_size  # images are counted over all ranks, CPU time is this process's
+        self.recent: deque[tuple[int, float, float]] = deque(maxlen=window)
+        self.warmup = warmup
+        self.ticks = 0
+        self.total_images = 0
+        self.total_seconds = 0.0
+        self.total_sync = 0.0
+        self.total_cpu = 0.0
+        self._last: float | None = None
+        self._sync = SyncClock.seconds
+        self._cpu = time.process_time()
+
+    def pause(self) -> None:
+        """Restart the clock: the time since the last tick was not training."""
+        self._last, self._sync, self._cpu = time.perf_counter(), SyncClock.seconds, time.process_time()
+
+    def tick(self, images: int) -> None:
+        now, sync, cpu = time.perf_counter(), SyncClock.seconds, time.process_time()
+        if self._last is not None:
+            dt, ds = now - self._last, sync - self._sync
+            self.recent.append((images, dt, ds))
+            self.ticks += 1
+            if self.ticks > self.warmup:  # the first steps include k-means init and allocator warm-up
+                self.total_images += images
+                self.total_seconds += dt
+                self.total_sync += ds
+                self.total_cpu += cpu - self._cpu
+        self._last, self._sync, self._cpu = now, sync, cpu
+
+    def rate(self) -> float | None:
+        """Over the last `window` steps (what the progress bar shows)."""
+        seconds = sum(s for _, s, _ in self.recent)
+        return sum(i for i, _, _ in self.recent) / seconds if seconds > 0 else None
+
+    def sync_share(self) -> float | None:
+        seconds = sum(s for _, s, _ in self.recent)
+        return sum(d for _, _, d in self.recent) / seconds if seconds > 0 else None
+
+    def steady_rate(self) -> float | None:
+        """Over every step after the warm-up ones (what the benchmark reports)."""
+        return self.total_images / self.total_seconds if self.total_seconds > 0 else None
+
+    def steady_sync_share(self) -> float | None:
+        return self.total_sync / self.total_seconds if self.total_seconds > 0 else None
+
+    def summary(self) -> dict[str, float]:
+        """The steady-state figures, logged at the end of a job and read by bench/train_throughput.py."""
+        out = {}
+        if self.steady_rate() is not None:
+            out["train/images_per_s_steady"] = float(self.steady_rate())
+            out["train/codebook_sync_share_steady"] = float(self.steady_sync_share() or 0.0)
+        if self.total_cpu > 0:  # this process's CPU time (not the dataloader workers'): stable on a busy machine
+            out["train/images_per_cpu_s_steady"] = self.total_images / self.world_size / self.total_cpu
+        return out
+
+
+# ---------------------------------------------------------------------------------------------- data
+
+RESUME_SKIP_LIMIT = 200  # batches a resumed job may skip to continue exactly where it stopped
+
+
+class TrainBatches:
+    """Endless training batches over epochs, positioned at `start_step`.
+
+    A resumed job sees the same data order as an uninterrupted one: it re-enters the epoch it was in and
+    skips the batches already used, unless that means reading more than RESUME_SKIP_LIMIT batches, in
+    which case it starts the next epoch instead (re-reading a long epoch would cost more than it is worth).
+    """
+
+    def __init__(self, loader: Any, start_step: int = 0):
+        self.loader = loader
+        epoch, skip = divmod(start_step, len(loader))
+        if skip > RESUME_SKIP_LIMIT:
+            epoch, skip = epoch + 1, 0
+        loader.set_epoch(epoch)
+        self._it = self._batches(skip)
+
+    def _batches(self, skip: int) -> Iterator[Any]:
+        while True:
+            for i, batch in enumerate(self.loader):
+                if i >= skip:
+                    yield batch
+            skip = 0
+
+    def __iter__(self) -> Iterator[Any]:
+        return self
+
+    def __next__(self) -> Any:
+        return next(self._it)
+
+    @property
+    def skipped(self) -> int:
+        """Samples skipped so far by this process's loader (undecodable or lost in a broken shard)."""
+        return int(self.loader.skipped)
+
+
+def image_loader(spec: Any, worker: Worker, train: bool) -> Any | None:
+    """The data issue's per-rank image loader for `data.train` (train=True) or `data.eval` (None if unset)."""
+    from jobs.data.loader import make_image_loader
+
+    d = spec.data
+    source = d.train if train else d.eval
+    if source is None:
+        return None
+    return make_image_loader(
+        source,
+        image_size=d.image_size,
+        batch_size=spec.optim.batch_size,
+        train=train,
+        rank=worker.rank,
+        world_size=worker.world_size,
+        num_workers=d.num_workers,
+        seed=spec.optim.seed,
+        shuffle_buffer=d.shuffle_buffer,
+        epoch_batches=d.epoch_batches if train else None,
+        storage_options=d.storage_options,
+        pin_memory=worker.device.type == "cuda",
+    )
+
+
+def train_batches(spec: Any, worker: Worker, start_step: int = 0) -> TrainBatches:
+    return TrainBatches(image_loader(spec, worker, train=True), start_step)
+
+
+def eval_batches(spec: Any, worker: Worker) -> Iterator[tuple[torch.Tensor, torch.Tensor]] | None:
+    """Every eval sample exactly once across ranks (padding and undecodable samples dropped), or None
+    without an eval split. Every rank gets the same number of batches, possibly empty ones."""
+    loader = image_loader(spec, worker, train=False)
+    if loader is None:
+        return None
+    return ((b.images[b.valid], b.labels[b.valid]) for b in loader)
+
+
+# ---------------------------------------------------------------------------------------- checkpoint
+
+
+def save_checkpoint(step: int, state: dict[str, Any] | None, worker: Worker, metrics: dict[str, Any]) -> None:
+    """Report a checkpoint to Ray Train: rank 0 writes the model state, every rank its RNG state.
+
+    `ray.train.report` is a barrier, so every rank calls this at the same steps. Ray merges the
+    ranks' directories into one checkpoint in the run's storage.
+    """
+    with tempfile.TemporaryDirectory(prefix="vqtrain-ckpt-") as tmp:
+        if worker.is_main and state is not None:
+            torch.save({**state, "step": step}, Path(tmp) / STATE_FILE)
+        torch.save(rng_state(), Path(tmp) / f"rng-{worker.rank}.pt")
+        checkpoint = ray.train.Checkpoint.from_directory(tmp)
+        ray.train.report({**metrics, "step": step}, checkpoint=checkpoint)
+
+
+def load_checkpoint(worker: Worker) -> dict[str, Any] | None:
+    """The latest checkpoint's state (and this rank's RNG streams restored), or None on a fresh start."""
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return None
+    with checkpoint.as_directory() as d:
+        state = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=False)
+        rng = Path(d) / f"rng-{worker.rank}.pt"
+        if rng.exists():
+            set_rng_state(torch.load(rng, weights_only=False))
+    return state
+
+
+def checkpoint_storage(storage: str | None, storage_options: dict[str, Any]) -> tuple[str, Any]:
+    """(storage_path, pyarrow filesystem or None) for RunConfig; `s3://` goes through s3fs so that the
+    spec's endpoint and keys apply."""
+    if storage is None:
+        from service.embedded import vqtrain_home  # stdlib-only; the same home as the embedded servers
+
+        return str(vqtrain_home() / "checkpoints"), None
+    if "://" not in storage or storage.startswith("file://"):
+        return str(Path(storage.removeprefix("file://")).resolve()), None
+    import fsspec
+    import pyarrow.fs
+
+    protocol, path = storage.split("://", 1)
+    fs = fsspec.filesystem(protocol, **(storage_options or {}))
+    return path.rstrip("/"), pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs))
+
+
+# ---------------------------------------------------------------------------------------- test hooks
+
+TEST_HOOK_PREFIX = "VQTRAIN_TEST_"
+
+
+def test_hooks_from_env() -> dict[str, str]:
+    """Driver side: the `VQTRAIN_TEST_*` variables, passed to the workers with the loop config."""
+    return {k: v for k, v in os.environ.items() if k.startswith(TEST_HOOK_PREFIX)}
+
+
+def maybe_kill(step: int, worker: Worker, hooks: dict[str, str]) -> None:
+    """Fault injection for the resume test: `VQTRAIN_TEST_KILL_AT_STEP=N` kills the process of rank
+    `VQTRAIN_TEST_KILL_RANK` (default: the last rank) once, before step N; the marker file
+    `VQTRAIN_TEST_KILL_MARKER` records that it happened so the restarted worker goes on.
+
+    `VQTRAIN_TEST_KILL_DELAY_S` waits before dying: Ray Train registers a reported checkpoint at its next
+    poll of the workers (every 2 s), and a worker that dies before that poll takes the report with it,
+    so the job would restart from the checkpoint before. A test that asserts the resume step waits.
+    """
+    at = hooks.get("VQTRAIN_TEST_KILL_AT_STEP")
+    if at is None or step != int(at):
+        return
+    rank = int(hooks.get("VQTRAIN_TEST_KILL_RANK", worker.world_size - 1))
+    marker = Path(hooks.get("VQTRAIN_TEST_KILL_MARKER", Path(tempfile.gettempdir()) / "vqtrain-kill-marker"))
+    if worker.rank != rank or marker.exists():
+        return
+    time.sleep(float(hooks.get("VQTRAIN_TEST_KILL_DELAY_S", 0)))
+    marker.write_text(f"killed rank {worker.rank} at step {step}\n")
+    os._exit(1)
+
+
+# ------------------------------------------------------------------------------------------- the job
+
+
+@dataclass
+class JobEnv:
+    """What every job loop starts from: the validated spec, this worker, and (rank 0 only) the run."""
+
+    spec: Any  # jobs.spec.JobSpec
+    worker: Worker
+    run: Any | None  # jobs.tracking.RunLogger on rank 0, None elsewhere
+    progress: Progress
+    hooks: dict[str, str]
+    job_id: str
+
+
+def loop_config(spec: Any, *, run_id: str, tracking_uri: str, job_id: str, sink: Any) -> dict[str, Any]:
+    """Driver side: the `train_loop_config` every job loop receives (plain data + the sink's handle)."""
+    return {
+        "spec": spec.model_dump(mode="json"),
+        "run_id": run_id,
+        "tracking_uri": tracking_uri,
+        "job_id": job_id,
+        "sink": sink,
+        "hooks": test_hooks_from_env(),
+    }
+
+
+def open_job(config: dict[str, Any]) -> JobEnv:
+    """Worker side: validate the spec again, find this worker's place, open the run on rank 0."""
+    from jobs.spec import JobSpec
+
+    spec = JobSpec.model_validate(config["spec"])
+    worker = worker_context(int(spec.resources.cpus_per_worker))
+    if config.get("tracking_uri"):
+        # this process belongs to the job: every MLflow call in it (registry lookups of
+        # `tokenizer: models:/...` included) goes to the job's server
+        os.environ["MLFLOW_TRACKING_URI"] = config["tracking_uri"]
+    run = None
+    if worker.is_main and config.get("run_id"):
+        from jobs.tracking import RunLogger
+
+        run = RunLogger(config["tracking_uri"], config["run_id"])
+    progress = Progress(config.get("sink"), spec.optim.steps, worker)
+    return JobEnv(spec, worker, run, progress, dict(config.get("hooks") or {}), config.get("job_id", ""))

@@ -1,0 +1,200 @@
+"""`python -m jobs.run SPEC` — the jobs' entry point (what `vqtrain run` and the Ray Jobs API start).
+
+The driver validates the spec, connects to Ray (`VQTRAIN_RAY_ADDRESS` / `RAY_ADDRESS`, else a local
+Ray), creates or resumes the job's MLflow run (found again by the `VQTRAIN_JOB_ID` tag, so a resubmitted
+job keeps one run), starts Ray Train's TorchTrainer with the kind's loop, prints rank 0's progress as
+`VQTRAIN_PROGRESS {...}` lines and ends with one `VQTRAIN_RESULT {...}` line. Exit status: 0 done,
+2 invalid spec, 1 the job failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import uuid
+from pathlib import Path
+from typing import Any, TextIO
+
+from jobs.spec import JobSpec, SpecError, absolute_paths, flatten_spec, load_spec, parse_spec, parse_text
+
+LOOPS = {
+    "tokenizer": "jobs.train_tokenizer:train_loop",
+    "maskgit": "jobs.train_maskgit:train_loop",
+    "tokenize": "jobs.tokenize:tokenize_loop",
+}
+
+
+def _loop(kind: str) -> Any:
+    import importlib
+
+    module, name = LOOPS[kind].split(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def connect_ray() -> None:
+    """Join the configured cluster, or start a local Ray inside this process."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = os.environ.get("VQTRAIN_RAY_ADDRESS") or os.environ.get("RAY_ADDRESS")
+    ray.init(address=address or None, include_dashboard=False if not address else None, log_to_driver=True)
+
+
+def run_job(
+    spec: JobSpec,
+    *,
+    spec_text: str | None = None,
+    job_id: str | None = None,
+    tracking_uri: str | None = None,
+    out: TextIO | None = None,
+) -> dict[str, Any]:
+    """Run one job to the end on Ray Train; returns the `VQTRAIN_RESULT` record.
+
+    `tracking_uri` defaults to $MLFLOW_TRACKING_URI, else the embedded local server. Progress lines go
+    to `out` (default stdout). Raises `JobFailed` when training fails after `resources.max_failures`
+    restarts.
+    """
+    import ray.train
+    from mlflow import MlflowClient
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from jobs import tracking
+    from jobs.common import ProgressPrinter, ProgressSink, checkpoint_storage, loop_config
+
+    preflight(spec)
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # stdout carries progress lines
+    job_id = job_id or os.environ.get("VQTRAIN_JOB_ID") or f"{spec.name}-{uuid.uuid4().hex[:8]}"
+    tracking_uri = tracking_uri or tracking.resolve_tracking_uri()
+    connect_ray()
+
+    client = MlflowClient(tracking_uri)
+    run_id, exp_id, created = tracking.start_or_resume_run(
+        client, spec.tracking.experiment, job_id, run_name=spec.name, tags={tracking.KIND_TAG: spec.kind}
+    )
+    if created:
+        tracking.log_params(client, run_id, flatten_spec(spec))
+        client.log_text(run_id, spec_text or json.dumps(spec.model_dump(mode="json"), indent=2), "spec/spec.yaml")
+    result = {
+        "run_id": run_id,
+        "run_url": tracking.run_url(tracking_uri, exp_id, run_id),
+        "ui_url": tracking.ui_url(tracking_uri),
+        "model_uri": None,
+        "job_id": job_id,
+    }
+
+    r = spec.resources
+    storage_path, storage_fs = checkpoint_storage(spec.checkpoint.storage, spec.data.storage_options)
+    sink = ProgressSink.remote()
+    use_gpu = r.gpus_per_worker > 0
+    resources = {"CPU": r.cpus_per_worker, **({"GPU": r.gpus_per_worker} if use_gpu else {})}
+    trainer = TorchTrainer(
+        _loop(spec.kind),
+        train_loop_config=loop_config(spec, run_id=run_id, tracking_uri=tracking_uri, job_id=job_id, sink=sink),
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=r.workers, use_gpu=use_gpu, resources_per_worker=resources
+        ),
+        run_config=ray.train.RunConfig(
+            name=job_id,
+            storage_path=storage_path,
+            storage_filesystem=storage_fs,
+            failure_config=ray.train.FailureConfig(max_failures=r.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=spec.checkpoint.keep),
+        ),
+    )
+    try:
+        with ProgressPrinter(sink, out):
+            fit = trainer.fit()
+    except KeyboardInterrupt:  # Ctrl-C in `vqtrain run`: the run stays resumable with the same --job-id
+        client.set_terminated(run_id, status="KILLED")
+        raise
+    except Exception as e:
+        client.set_terminated(run_id, status="FAILED")
+        raise JobFailed(f"job {job_id} failed: {e}", result) from e
+    finally:
+        ray.kill(sink)
+    if getattr(fit, "error", None) is not None:
+        client.set_terminated(run_id, status="FAILED")
+        raise JobFailed(f"job {job_id} failed: {fit.error}", result)
+    metrics = fit.metrics or {}
+    tags = client.get_run(run_id).data.tags
+    # Ray Train hands back the metrics of the last *checkpointed* report, so what the loops produce at
+    # the very end travels through the run's tags
+    result["model_uri"] = tags.get(tracking.MODEL_URI_TAG)
+    if tags.get(tracking.OUTPUT_TAG):
+        result["output"] = tags[tracking.OUTPUT_TAG]
+    if metrics.get("train/images_per_s_steady") is not None:
+        result["images_per_s"] = metrics["train/images_per_s_steady"]
+    if fit.checkpoint is not None:
+        result["checkpoint"] = fit.checkpoint.path
+    client.set_terminated(run_id, status="FINISHED")
+    return result
+
+
+def preflight(spec: JobSpec) -> None:
+    """Fail before anything starts (no run, no workers) when the model config cannot be built or the
+    data cannot be found; the SpecError names the field."""
+    from jobs.build import tokenizer_config
+    from jobs.data.manifest import resolve_shards
+
+    if spec.kind == "tokenizer":
+        tokenizer_config(spec)
+    for loc, source in (("data.train", spec.data.train), ("data.eval", spec.data.eval)):
+        if source is None:
+            continue
+        try:
+            resolve_shards(source, spec.data.storage_options)
+        except (OSError, ValueError) as e:
+            raise SpecError([{"loc": loc, "msg": f"cannot read the shards: {e}"}]) from e
+
+
+class JobFailed(RuntimeError):
+    """Training failed for good; `.result` still names the run (its logs and metrics are in MLflow)."""
+
+    def __init__(self, message: str, result: dict[str, Any]):
+        super().__init__(message)
+        self.result = result
+
+
+def _read_spec(args: argparse.Namespace) -> tuple[JobSpec, str]:
+    if args.spec_json is not None:
+        return parse_spec(parse_text(args.spec_json, "--spec-json")), args.spec_json
+    if args.spec is None:
+        raise SpecError([{"loc": "", "msg": "give a spec file or --spec-json"}])
+    path = Path(args.spec)
+    spec = load_spec(path)
+    # relative paths in a spec file are relative to the file (workers run elsewhere)
+    return absolute_paths(spec, path.resolve().parent), path.read_text()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m jobs.run", description=__doc__.splitlines()[0])
+    parser.add_argument("spec", nargs="?", help="path of the job spec (YAML or JSON)")
+    parser.add_argument("--spec-json", help="the spec itself, as JSON/YAML text")
+    parser.add_argument("--job-id", help="job id (default: $VQTRAIN_JOB_ID or a new one)")
+    args = parser.parse_args(argv)
+    try:
+        spec, text = _read_spec(args)
+    except SpecError as e:
+        print(str(e), file=sys.stderr)
+        return 2
+    try:
+        result = run_job(spec, spec_text=text, job_id=args.job_id)
+    except JobFailed as e:
+        print(f"vqtrain: {e}", file=sys.stderr)
+        print(f"vqtrain: run {e.result['run_url']}", file=sys.stderr)
+        return 1
+    except SpecError as e:  # raised by the config mapping before any worker started
+        print(str(e), file=sys.stderr)
+        return 2
+    from jobs.common import RESULT_PREFIX
+
+    print(RESULT_PREFIX + json.dumps(result), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

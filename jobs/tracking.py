@@ -1,0 +1,170 @@
+"""MLflow for the jobs: one run per job (found again by its job-id tag after a restart), params,
+buffered metrics, images, and the final model logged as a pyfunc and registered with an alias.
+
+The driver creates or resumes the run and passes its id to the workers; only rank 0 logs into it.
+Everything goes through `MlflowClient` with an explicit run id (no global "active run" state), except
+`log_model`, which MLflow only offers inside `start_run`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param
+
+JOB_TAG = "vqtrain.job_id"
+KIND_TAG = "vqtrain.kind"
+MODEL_URI_TAG = "vqtrain.model_uri"
+MODEL_VERSION_TAG = "vqtrain.model_version"
+OUTPUT_TAG = "vqtrain.output"
+PYFUNC_CODE = Path(__file__).with_name("mlflow_model.py")
+MAX_PARAM_VALUE = 6000
+
+
+def resolve_tracking_uri() -> str:
+    """The configured tracking URI, or the embedded local server (started once and reused)."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        return uri
+    from service import embedded  # torch-free; imported lazily so jobs need no service code otherwise
+
+    uri = embedded.ensure_mlflow()
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    return uri
+
+
+def start_or_resume_run(
+    client: MlflowClient, experiment: str, job_id: str, run_name: str, tags: dict[str, str] | None = None
+) -> tuple[str, str, bool]:
+    """(run_id, experiment_id, created): the run tagged with this job id, or a new one."""
+    exp = client.get_experiment_by_name(experiment)
+    exp_id = exp.experiment_id if exp is not None else _create_experiment(client, experiment)
+    found = client.search_runs([exp_id], filter_string=f"tags.`{JOB_TAG}` = '{job_id}'", max_results=1)
+    if found:
+        run = found[0]
+        if run.info.status != "RUNNING":
+            client.update_run(run.info.run_id, status="RUNNING")
+        return run.info.run_id, exp_id, False
+    run = client.create_run(exp_id, run_name=run_name, tags={JOB_TAG: job_id, **(tags or {})})
+    return run.info.run_id, exp_id, True
+
+
+def _create_experiment(client: MlflowClient, name: str) -> str:
+    try:
+        return client.create_experiment(name)
+    except mlflow.exceptions.MlflowException:  # created concurrently by another job
+        return client.get_experiment_by_name(name).experiment_id
+
+
+def log_params(client: MlflowClient, run_id: str, params: dict[str, str]) -> None:
+    """Log the flattened spec (MLflow takes at most 100 params per call and bounded values)."""
+    items = [Param(k, str(v)[:MAX_PARAM_VALUE]) for k, v in sorted(params.items())]
+    for i in range(0, len(items), 100):
+        client.log_batch(run_id, params=items[i : i + 100])
+
+
+def run_url(tracking_uri: str, experiment_id: str, run_id: str) -> str:
+    """The run's page in the MLflow UI (for an http(s) tracking server; else the run URI)."""
+    if tracking_uri.startswith(("http://", "https://")):
+        return f"{tracking_uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
+    return f"runs:/{run_id}"
+
+
+def ui_url(tracking_uri: str) -> str | None:
+    return tracking_uri.rstrip("/") if tracking_uri.startswith(("http://", "https://")) else None
+
+
+class RunLogger:
+    """Rank 0's handle on the job's run: metrics are buffered and sent in batches (one HTTP call per
+    `flush_every` seconds instead of one per step), images and figures go straight out."""
+
+    def __init__(self, tracking_uri: str, run_id: str, flush_every: float = 5.0):
+        self.tracking_uri, self.run_id, self.flush_every = tracking_uri, run_id, flush_every
+        self.client = MlflowClient(tracking_uri)
+        os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+        self._buffer: list[Metric] = []
+        self._last_flush = time.monotonic()
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        now_ms = int(time.time() * 1000)
+        for key, value in metrics.items():
+            if value is None:
+                continue
+            self._buffer.append(Metric(_metric_key(key), float(value), now_ms, int(step)))
+        if time.monotonic() - self._last_flush >= self.flush_every:
+            self.flush()
+
+    def flush(self) -> None:
+        buffer, self._buffer = self._buffer, []
+        for i in range(0, len(buffer), 1000):
+            self.client.log_batch(self.run_id, metrics=buffer[i : i + 1000])
+        self._last_flush = time.monotonic()
+
+    def log_image(self, image: Any, key: str, step: int) -> None:
+        """An image with a step (MLflow's image-per-step view)."""
+        self.client.log_image(self.run_id, image, key=key, step=int(step))
+
+    def log_figure(self, figure: Any, artifact_file: str) -> None:
+        """A matplotlib figure as a PNG artifact; the figure is closed (workers make many)."""
+        import matplotlib.pyplot as plt
+
+        try:
+            self.client.log_figure(self.run_id, figure, artifact_file)
+        finally:
+            plt.close(figure)
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        self.client.log_text(self.run_id, text, artifact_file)
+
+    def set_tag(self, key: str, value: str) -> None:
+        self.client.set_tag(self.run_id, key, value)
+
+    def log_model(
+        self, model_dir: str | Path, artifact_key: str, registered_name: str | None, alias: str | None
+    ) -> str:
+        """Log `model_dir` (config.json + weights) as a pyfunc model, register it and set the alias.
+
+        The python model is given as code (`jobs/mlflow_model.py`), so nothing is pickled; the weights and
+        config sit under `<model>/artifacts/<artifact_key>/`, which is what `vqmodels.load_tokenizer` and
+        `vqtrain pull` look for. Returns the URI to hand to users: `models:/name@alias` when an alias is
+        set, `models:/name/version` otherwise, the logged model's own URI when nothing is registered.
+
+        Idempotent per run: a restarted worker that already registered this run's model reuses that
+        version instead of registering a second one. MLflow reserves the alias "latest"; it is never set
+        (`models:/name@latest` already resolves to the newest version).
+        """
+        self.flush()
+        tags = self.client.get_run(self.run_id).data.tags
+        version = tags.get(MODEL_VERSION_TAG)
+        if version is None or registered_name is None:
+            mlflow.set_tracking_uri(self.tracking_uri)
+            with mlflow.start_run(run_id=self.run_id):
+                info = mlflow.pyfunc.log_model(
+                    name=artifact_key,
+                    python_model=str(PYFUNC_CODE),
+                    artifacts={artifact_key: str(model_dir)},
+                    registered_model_name=registered_name,
+                    pip_requirements=["torch", "numpy", "mlflow"],
+                    code_paths=[str(Path(importlib.import_module("vqmodels").__file__).parent)],
+                )
+            if registered_name is None:
+                self.set_tag(MODEL_URI_TAG, info.model_uri)
+                return info.model_uri
+            version = str(info.registered_model_version)
+            self.set_tag(MODEL_VERSION_TAG, version)
+        if alias and alias.lower() != "latest":
+            self.client.set_registered_model_alias(registered_name, alias, version)
+        uri = f"models:/{registered_name}@{alias}" if alias else f"models:/{registered_name}/{version}"
+        self.set_tag(MODEL_URI_TAG, uri)
+        return uri
+
+
+def _metric_key(key: str) -> str:
+    """MLflow keys allow [A-Za-z0-9_-. /]; replace anything else (e.g. ':' or '@')."""
+    return "".join(c if c.isalnum() or c in "_-./ " else "_" for c in key)

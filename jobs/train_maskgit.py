@@ -1,0 +1,216 @@
+"""Stage two on Ray Train: MaskGIT over a registered tokenizer's codes.
+
+The tokenizer comes from the registry (`tokenizer: models:/name@alias`) and stays frozen. Training data
+is token shards (a `kind: tokens` manifest, written by a tokenize job) or image shards, which are then
+tokenised on the fly. Evaluation: masked-token NLL and accuracy over the whole eval split with fixed masks.
+Rank 0 logs sample grids (MaskGIT decoding, then the tokenizer's decoder) and registers the model.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from jobs import figures
+from jobs.build import maskgit_config
+from jobs.common import (
+    JobEnv,
+    Precision,
+    Throughput,
+    TrainBatches,
+    Worker,
+    all_reduce_sum,
+    image_loader,
+    load_checkpoint,
+    lr_factor,
+    maybe_kill,
+    open_job,
+    save_checkpoint,
+    seed_everything,
+    set_lr,
+    wrap_ddp,
+)
+from jobs.spec import SpecError
+
+SAMPLES = 8
+SAMPLE_STEPS = 8
+EVAL_SEED = 1234
+
+
+def train_loop(config: dict[str, Any]) -> None:
+    """Ray Train entry point of a kind=maskgit job."""
+    import ray.train
+
+    from vqmodels import load_tokenizer
+    from vqmodels.maskgit import MaskGIT
+
+    env = open_job(config)
+    spec, worker = env.spec, env.worker
+    o = spec.optim
+    tok = load_tokenizer(spec.tokenizer, map_location=worker.device, tracking_uri=config["tracking_uri"])
+    tok.requires_grad_(False)
+    torch.manual_seed(o.seed)
+    net = MaskGIT(maskgit_config(spec, tok)).to(worker.device)
+    model = wrap_ddp(net, worker)
+    params = list(net.parameters())
+    opt = torch.optim.AdamW(params, lr=o.lr, betas=(0.9, 0.96), weight_decay=o.weight_decay)
+    prec = Precision(o.precision, worker.device)
+    conditional = net.config.num_classes > 0
+
+    seed_everything(o.seed, worker.rank)
+    step = 0
+    state = load_checkpoint(worker)
+    if state is not None:
+        net.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        prec.scaler.load_state_dict(state["scaler"])
+        step = int(state["step"])
+        if env.run is not None:
+            env.run.log_metrics({"train/resumed_from": step}, step)
+
+    batches = TrainBatches(token_loader(spec, worker, train=True, tok=tok), start_step=step)
+    to_tokens = _tokenise(tok, worker)
+    rate = Throughput(worker.world_size)
+    rate.pause()
+    while step < o.steps:
+        maybe_kill(step, worker, env.hooks)
+        set_lr(opt, lr_factor(step, o.steps, o.warmup_steps, o.schedule))
+        tokens, labels = to_tokens(next(batches))
+        with prec.autocast():
+            out = model(tokens, labels if conditional else None)
+        grad_norm = prec.step(out.loss, opt, params, o.grad_clip)
+        step += 1
+        rate.tick(tokens.shape[0] * worker.world_size)
+
+        if worker.is_main:
+            metrics = {"loss/total": float(out.loss.detach()), **{f"train/{k}": float(v) for k, v in out.metrics.items()}}
+            metrics["train/lr"] = opt.param_groups[0]["lr"]
+            metrics["train/grad_norm"] = grad_norm
+            metrics["train/skipped_samples"] = float(batches.skipped)
+            if rate.rate() is not None:
+                metrics["train/images_per_s"] = rate.rate()
+            env.run.log_metrics(metrics, step)
+            env.progress.update(step, metrics, rate.rate())
+
+        t = spec.tracking
+        last = step == o.steps
+        if (t.eval_every and step % t.eval_every == 0) or last:
+            result = evaluate(net, spec, worker, tok)
+            if worker.is_main and result:
+                env.run.log_metrics(result, step)
+                if last:
+                    env.run.log_text(json.dumps({"step": step, **result}, indent=2), "eval/final.json")
+            rate.pause()
+        if worker.is_main and ((t.image_every and step % t.image_every == 0) or last):
+            _log_samples(env, net, tok, step)
+            rate.pause()
+        if step % spec.checkpoint.every == 0 or last:
+            if worker.is_main:
+                env.run.flush()
+            state = {"model": net.state_dict(), "optimizer": opt.state_dict(), "scaler": prec.scaler.state_dict(),
+                     "config": net.config_dict()} if worker.is_main else None
+            save_checkpoint(step, state, worker, rate.summary())
+            rate.pause()
+
+    result: dict[str, Any] = rate.summary()
+    if worker.is_main:
+        env.run.log_metrics(result, o.steps)
+        env.run.flush()
+        with tempfile.TemporaryDirectory(prefix="vqtrain-model-") as tmp:
+            model_dir = Path(tmp) / "maskgit"
+            net.save(model_dir)
+            result["model_uri"] = env.run.log_model(model_dir, "maskgit", spec.model_name, spec.register.alias)
+    ray.train.report(result)
+
+
+def token_loader(spec: Any, worker: Worker, train: bool, tok: Any) -> Any | None:
+    """Token shards when the source's manifest says `kind: tokens` (checked against the tokenizer),
+    else the image loader (tokenised on the fly); None when the split is not configured."""
+    from jobs.data.manifest import resolve_shards
+    from jobs.data.tokens import make_token_loader
+
+    d = spec.data
+    source = d.train if train else d.eval
+    if source is None:
+        return None
+    manifest = resolve_shards(source, d.storage_options).manifest
+    if manifest is None or manifest.kind != "tokens":
+        return image_loader(spec, worker, train=train)
+    loc = "data.train" if train else "data.eval"
+    grid = [spec.data.image_size // tok.config.downsample] * 2
+    if manifest.meta.get("codebook_size") != tok.config.codebook_size or list(manifest.meta.get("grid", [])) != grid:
+        raise SpecError([{"loc": loc, "msg": (
+            f"token shards hold {manifest.meta.get('grid')} grids over {manifest.meta.get('codebook_size')} codes, "
+            f"but tokenizer {spec.tokenizer} at image_size {spec.data.image_size} gives {grid} over "
+            f"{tok.config.codebook_size}")}])
+    return make_token_loader(
+        source, batch_size=spec.optim.batch_size, train=train, rank=worker.rank, world_size=worker.world_size,
+        num_workers=d.num_workers, seed=spec.optim.seed, shuffle_buffer=d.shuffle_buffer,
+        epoch_batches=d.epoch_batches if train else None, storage_options=d.storage_options,
+    )
+
+
+def _tokenise(tok: Any, worker: Worker) -> Any:
+    """Batch (token or image) → (tokens (B, h, w), labels) on the device."""
+
+    @torch.no_grad()
+    def convert(batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        labels = batch.labels.to(worker.device)
+        if hasattr(batch, "tokens"):
+            return batch.tokens.to(worker.device), labels
+        return tok.encode(batch.images.to(worker.device)), labels
+
+    return convert
+
+
+@torch.no_grad()
+def evaluate(net: Any, spec: Any, worker: Worker, tok: Any) -> dict[str, float] | None:
+    """Masked-token NLL (no label smoothing) and accuracy over the whole eval split; the masks come from
+    a fixed generator so evaluations at different steps are comparable."""
+    loader = token_loader(spec, worker, train=False, tok=tok)
+    if loader is None:
+        return None
+    to_tokens = _tokenise(tok, worker)
+    gen = torch.Generator(device=worker.device).manual_seed(EVAL_SEED + worker.rank)
+    sums = torch.zeros(3, dtype=torch.float64, device=worker.device)  # nll, correct, masked tokens
+    conditional = net.config.num_classes > 0
+    was_training = net.training
+    net.eval()
+    try:
+        for batch in loader:
+            keep = batch.valid.to(worker.device)
+            tokens, labels = to_tokens(batch)
+            tokens, labels = tokens[keep], labels[keep]
+            if tokens.shape[0] == 0:
+                continue
+            out = net(tokens, labels if conditional else None, generator=gen)
+            targets = tokens.reshape(tokens.shape[0], -1)[out.mask]
+            logits = out.logits[out.mask].float()
+            sums[0] += F.cross_entropy(logits, targets, reduction="sum").double()
+            sums[1] += (logits.argmax(-1) == targets).sum().double()
+            sums[2] += targets.numel()
+    finally:
+        net.train(was_training)
+    all_reduce_sum(sums)
+    if sums[2] == 0:
+        return None
+    nll = float(sums[0] / sums[2])
+    return {"eval/nll": nll, "eval/perplexity": math.exp(min(nll, 50.0)), "eval/accuracy": float(sums[1] / sums[2])}
+
+
+@torch.no_grad()
+def _log_samples(env: JobEnv, net: Any, tok: Any, step: int) -> None:
+    """MaskGIT samples (classes 0..7 for a conditional model) decoded to images by the tokenizer."""
+    n = SAMPLES
+    labels = torch.arange(n, device=net.pos_emb.device) % net.config.num_classes if net.config.num_classes else None
+    steps = min(SAMPLE_STEPS, net.config.num_tokens)
+    gen = torch.Generator(device=net.pos_emb.device).manual_seed(step)
+    codes = net.generate(n, steps=steps, labels=labels, generator=gen)
+    images = tok.decode(codes).clamp(-1, 1)
+    env.run.log_image(figures.image_grid([images]), key="samples", step=step)

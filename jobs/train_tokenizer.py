@@ -1,0 +1,259 @@
+"""Stage one on Ray Train: train a VQ tokenizer, evaluate it, log pictures, register it.
+
+Runs in every worker (`train_loop`); the quantizer keeps codebooks identical across ranks through its
+own collectives, DDP averages the gradients (the discriminator's separately). Rank 0 logs to MLflow.
+Checkpoints go through `ray.train.report` every `checkpoint.every` steps, so a restarted worker group
+resumes at the same step with the same model, optimiser, quantizer buffers and RNG streams.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from jobs import figures
+from jobs.build import tokenizer_config
+from jobs.common import (
+    JobEnv,
+    Precision,
+    SyncClock,
+    Throughput,
+    all_reduce_sum,
+    average_gradients,
+    eval_batches,
+    load_checkpoint,
+    lr_factor,
+    maybe_kill,
+    open_job,
+    save_checkpoint,
+    seed_everything,
+    set_lr,
+    train_batches,
+    wrap_ddp,
+)
+
+PREVIEW_IMAGES = 8
+PROJECTION_VECTORS = 4096
+
+
+class EvalResult(NamedTuple):
+    metrics: dict[str, float]  # "eval/psnr", "eval/usage", "eval/perplexity", "eval/quant_error", ...
+    # ("preview/..." when there is no eval split and rank 0's preview batch stood in)
+    counts: torch.Tensor  # (K,) code counts over the whole eval split, all ranks
+    vectors: torch.Tensor  # a sample of encoder outputs (rank 0's), for the projection
+
+
+def train_loop(config: dict[str, Any]) -> None:
+    """Ray Train entry point of a kind=tokenizer job."""
+    from vqmodels.tokenizer import Tokenizer
+
+    env = open_job(config)
+    SyncClock.install()
+    spec, worker = env.spec, env.worker
+    o = spec.optim
+    torch.manual_seed(o.seed)  # identical initial weights on every rank
+    tok = Tokenizer(tokenizer_config(spec)).to(worker.device)
+    model = wrap_ddp(tok, worker, ignore_prefix="discriminator.")
+    gen_params = tok.generator_parameters()
+    opt = torch.optim.AdamW(gen_params, lr=o.lr, betas=(0.9, 0.99), weight_decay=o.weight_decay)
+    disc_params = list(tok.discriminator.parameters()) if tok.discriminator is not None else []
+    dopt = torch.optim.AdamW(disc_params, lr=o.lr, betas=(0.9, 0.99)) if disc_params else None
+    prec, dprec = Precision(o.precision, worker.device), Precision(o.precision, worker.device)
+
+    seed_everything(o.seed, worker.rank)
+    step = 0
+    state = load_checkpoint(worker)
+    if state is not None:
+        tok.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        prec.scaler.load_state_dict(state["scaler"])
+        if dopt is not None:
+            dopt.load_state_dict(state["disc_optimizer"])
+            dprec.scaler.load_state_dict(state["disc_scaler"])
+        step = int(state["step"])
+        if env.run is not None:
+            env.run.log_metrics({"train/resumed_from": step}, step)
+
+    def checkpoint_state() -> dict[str, Any]:
+        return {
+            "model": tok.state_dict(),
+            "optimizer": opt.state_dict(),
+            "scaler": prec.scaler.state_dict(),
+            "disc_optimizer": dopt.state_dict() if dopt is not None else None,
+            "disc_scaler": dprec.scaler.state_dict(),
+            "config": tok.config_dict(),
+        }
+
+    batches = train_batches(spec, worker, start_step=step)
+    preview: torch.Tensor | None = None
+    rate = Throughput(worker.world_size)
+    rate.pause()
+    while step < o.steps:
+        maybe_kill(step, worker, env.hooks)
+        set_lr(opt, lr_factor(step, o.steps, o.warmup_steps, o.schedule))
+        if dopt is not None:
+            set_lr(dopt, lr_factor(step, o.steps, o.warmup_steps, o.schedule))
+        images, _ = next(batches)
+        images = images.to(worker.device, non_blocking=True)
+        if preview is None:
+            preview = images[:PREVIEW_IMAGES].detach().clone()
+        with prec.autocast():
+            out = model(images, step)
+        grad_norm = prec.step(out.losses["total"], opt, gen_params, o.grad_clip)
+        disc_metrics: dict[str, float] = {}
+        if dopt is not None and tok.adversarial_factor(step) > 0:
+            with dprec.autocast():
+                d = tok.discriminator_loss(images, out.reconstruction, step)
+            dprec.step(d.loss, dopt, disc_params, o.grad_clip, sync=average_gradients)
+            disc_metrics = {"loss/disc": float(d.loss.detach()), **{f"disc/{k}": float(v) for k, v in d.metrics.items()}}
+        step += 1
+        rate.tick(images.shape[0] * worker.world_size)
+
+        if worker.is_main:
+            metrics = {f"loss/{k}": float(v.detach()) for k, v in out.losses.items()}
+            metrics.update({f"vq/{k}": float(v) for k, v in out.metrics.items() if k not in ("psnr", "adv_weight")})
+            metrics.update(disc_metrics)
+            metrics["train/psnr"] = float(out.metrics["psnr"])
+            if "adv_weight" in out.metrics:
+                metrics["train/adv_weight"] = float(out.metrics["adv_weight"])
+            metrics["train/lr"] = opt.param_groups[0]["lr"]
+            metrics["train/grad_norm"] = grad_norm
+            metrics["train/skipped_samples"] = float(batches.skipped)
+            if rate.rate() is not None:
+                metrics["train/images_per_s"] = rate.rate()
+                metrics["train/codebook_sync_share"] = rate.sync_share()
+            env.run.log_metrics(metrics, step)
+            env.progress.update(step, metrics, rate.rate())
+
+        t = spec.tracking
+        last = step == o.steps
+        if (t.eval_every and step % t.eval_every == 0) or last:
+            result = evaluate(tok, spec, worker, preview)
+            if worker.is_main and result is not None:
+                env.run.log_metrics(result.metrics, step)
+                _log_codebook_figures(env, tok, result, step)
+                if last:
+                    env.run.log_text(json.dumps({"step": step, **result.metrics}, indent=2), "eval/final.json")
+            rate.pause()
+        if worker.is_main and ((t.image_every and step % t.image_every == 0) or last):
+            _log_reconstructions(env, tok, preview, step)
+            rate.pause()
+        if step % spec.checkpoint.every == 0 or last:
+            if worker.is_main:
+                env.run.flush()
+            save_checkpoint(step, checkpoint_state() if worker.is_main else None, worker, rate.summary())
+            rate.pause()
+
+    finish(env, tok, rate)
+
+
+def finish(env: JobEnv, tok: Any, rate: Throughput) -> None:
+    """Rank 0 saves the inference model (config + weights, no discriminator) and registers it; every
+    rank then makes the last report, which carries the model URI to the driver."""
+    import ray.train
+
+    result: dict[str, Any] = rate.summary()
+    if env.worker.is_main:
+        env.run.log_metrics(result, env.spec.optim.steps)
+        env.run.flush()
+        result["model_uri"] = register_tokenizer(env, tok)
+    ray.train.report(result)
+
+
+def register_tokenizer(env: JobEnv, tok: Any) -> str:
+    """Log the tokenizer as a pyfunc model and register it (once per run, also across restarts)."""
+    spec = env.spec
+    with tempfile.TemporaryDirectory(prefix="vqtrain-model-") as tmp:
+        model_dir = Path(tmp) / "tokenizer"
+        tok.save(model_dir, inference_only=True)
+        return env.run.log_model(model_dir, "tokenizer", spec.model_name, spec.register.alias)
+
+
+@torch.no_grad()
+def evaluate(tok: Any, spec: Any, worker: Any, preview: torch.Tensor | None) -> EvalResult | None:
+    """PSNR, code usage, perplexity and quantisation error over the whole eval split (every rank reads
+    its part; sums are all-reduced). Without an eval split, rank 0's preview batch (8 training images)
+    stands in and the metrics are named "preview/..." instead of "eval/..."."""
+    source = eval_batches(spec, worker)
+    prefix = "eval"
+    if source is None:
+        source = [(preview, None)] if (preview is not None and worker.is_main) else []
+        prefix = "preview"
+    k = tok.config.codebook_size
+    dev = worker.device
+    counts = torch.zeros(k, dtype=torch.float64, device=dev)
+    sums = torch.zeros(4, dtype=torch.float64, device=dev)  # psnr, images, quant error, vectors
+    vectors: list[torch.Tensor] = []
+    kept = 0
+    was_training = tok.training
+    tok.eval()
+    try:
+        for images, _ in source:
+            if images.shape[0] == 0:
+                continue
+            x = images.to(dev)
+            z = tok.encoder(x).permute(0, 2, 3, 1)
+            q = tok.quantizer(z)  # eval mode: no collectives, no codebook updates
+            rec = tok.decoder(q.z_q.permute(0, 3, 1, 2)).clamp(-1, 1)
+            mse = (rec.float() - x.float()).pow(2).flatten(1).mean(1).clamp_min(1e-10)
+            n_vec = q.indices.numel()
+            sums += torch.stack(
+                [
+                    (10 * torch.log10(4.0 / mse)).sum().double(),
+                    torch.tensor(float(x.shape[0]), device=dev, dtype=torch.float64),
+                    q.metrics["quant_error"].double() * n_vec,
+                    torch.tensor(float(n_vec), device=dev, dtype=torch.float64),
+                ]
+            )
+            counts += torch.bincount(q.indices.reshape(-1), minlength=k).double()
+            if worker.is_main and kept < PROJECTION_VECTORS:
+                flat = z.reshape(-1, z.shape[-1]).float()
+                if tok.quantizer.options.distance == "cosine":
+                    flat = F.normalize(flat, dim=-1)
+                vectors.append(flat[: PROJECTION_VECTORS - kept].cpu())
+                kept += vectors[-1].shape[0]
+    finally:
+        tok.train(was_training)
+    all_reduce_sum(sums)
+    all_reduce_sum(counts)
+    if sums[1] == 0:
+        return None
+    p = counts / counts.sum().clamp_min(1)
+    entropy = float(-(p[p > 0] * p[p > 0].log()).sum())
+    metrics = {
+        f"{prefix}/psnr": float(sums[0] / sums[1]),
+        f"{prefix}/usage": float((counts > 0).double().mean()),
+        f"{prefix}/perplexity": math.exp(entropy),
+        f"{prefix}/quant_error": float(sums[2] / sums[3].clamp_min(1)),
+        f"{prefix}/images": float(sums[1]),
+    }
+    vec = torch.cat(vectors) if vectors else torch.zeros(0, tok.config.code_dim)
+    return EvalResult(metrics, counts.cpu(), vec)
+
+
+def _log_codebook_figures(env: JobEnv, tok: Any, result: EvalResult, step: int) -> None:
+    env.run.log_figure(figures.usage_histogram(result.counts, step), f"figures/usage/step_{step:07d}.png")
+    if result.vectors.shape[0]:
+        codebook = tok.quantizer.effective_codebook().detach().float().cpu()
+        fig = figures.codebook_projection(result.vectors, codebook, result.counts > 0, step)
+        env.run.log_figure(fig, f"figures/projection/step_{step:07d}.png")
+
+
+@torch.no_grad()
+def _log_reconstructions(env: JobEnv, tok: Any, preview: torch.Tensor | None, step: int) -> None:
+    """Inputs (top row) above their reconstructions (bottom row)."""
+    if preview is None:
+        return
+    was_training = tok.training
+    tok.eval()
+    try:
+        rec = tok.decode(tok.encode(preview))
+    finally:
+        tok.train(was_training)
+    env.run.log_image(figures.image_grid([preview, rec]), key="reconstructions", step=step)

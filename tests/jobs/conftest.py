@@ -1,0 +1,177 @@
+"""Fixtures of the training-job tests: a real `mlflow server`, one local Ray for the session, CIFAR-10
+shards on the moto S3 endpoint, and one tiny tokenizer trained and registered once for every test that
+needs a registered tokenizer (stage two, pull, load).
+
+Starting a Ray Train worker group costs ~20-40 s on two shared cores, so the session's tokenizer job
+is also the fault-injection job: one of its workers is killed at step 15 and the job resumes from its
+step-10 checkpoint on S3 (`test_killed_worker_resumes_in_the_same_run` checks that part).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests import servers
+
+
+@pytest.fixture(scope="session")
+def mlflow_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real `mlflow server` (SQLite, proxied local artifacts) on 127.0.0.1."""
+    from service.embedded import start_mlflow_server
+
+    server = start_mlflow_server(tmp_path_factory.mktemp("mlflow"))
+    try:
+        yield server.url
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def mlflow_client_uri(mlflow_url: str) -> Iterator[str]:
+    """Point this process's global MLflow URI at the test server for one test (`models:/` registry
+    lookups in `mlflow.artifacts` / `mlflow.pyfunc` follow the global URI), then restore it."""
+    import mlflow
+
+    before = mlflow.get_tracking_uri() if os.environ.get("MLFLOW_TRACKING_URI") else None
+    mlflow.set_tracking_uri(mlflow_url)
+    try:
+        yield mlflow_url
+    finally:
+        mlflow.set_tracking_uri(before)
+
+
+@pytest.fixture(scope="session")
+def ray_session() -> Iterator[None]:
+    """One local Ray for all job tests (2 training workers fit; the rest are zero-CPU actors)."""
+    import ray
+
+    ray.init(num_cpus=3, include_dashboard=False, log_to_driver=False)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+@dataclass(frozen=True)
+class S3Shards:
+    train: str  # s3://bucket/cifar/train (folder with manifest.json)
+    eval: str
+    bucket: str
+    storage_options: dict[str, str]
+    count: int
+
+
+@pytest.fixture(scope="session")
+def cifar_s3(s3_server: str, cifar_slice: Any) -> S3Shards:
+    """The 300-image CIFAR-10 slice as WebDataset shards on S3: 3 train shards of 90, one eval shard of 30
+    (the eval images are not in the train shards)."""
+    import shutil
+
+    from jobs.data.shards import make_shards
+
+    opts = servers.s3_storage_options(s3_server)
+    bucket = servers.make_bucket(s3_server, prefix="jobs")
+    root = Path(cifar_slice.root)
+    split = {"train": root / "split-train", "eval": root / "split-eval"}
+    for cls in cifar_slice.classes:
+        images = sorted((Path(cifar_slice.folder) / cls).glob("*.jpg"))
+        for name, chosen in (("train", images[3:]), ("eval", images[:3])):
+            (split[name] / cls).mkdir(parents=True, exist_ok=True)
+            for img in chosen:
+                shutil.copy(img, split[name] / cls / img.name)
+    make_shards(str(split["train"]), f"{bucket}/cifar/train", per_shard=90, storage_options=opts, progress=False)
+    make_shards(str(split["eval"]), f"{bucket}/cifar/eval", per_shard=90, storage_options=opts, progress=False)
+    return S3Shards(f"{bucket}/cifar/train", f"{bucket}/cifar/eval", bucket, opts, cifar_slice.count)
+
+
+def tiny_tokenizer_spec(shards: S3Shards, **overrides: Any) -> dict[str, Any]:
+    """A tokenizer job small enough for 2 CPU workers in ~30 s: 16 px images -> 4x4 codes over 32 codes."""
+    spec: dict[str, Any] = {
+        "kind": "tokenizer",
+        "name": f"tok-{uuid.uuid4().hex[:6]}",
+        "data": {
+            "train": shards.train,
+            "eval": shards.eval,
+            "image_size": 16,
+            "storage_options": shards.storage_options,
+            "shuffle_buffer": 64,
+            "num_workers": 0,
+        },
+        "model": {"channels": 8, "channel_mult": [1, 2, 2], "res_blocks": 1, "code_dim": 8, "codebook_size": 32},
+        "optim": {"steps": 30, "batch_size": 16, "lr": 2e-3, "warmup_steps": 2},
+        "resources": {"workers": 2, "max_failures": 2},
+        "checkpoint": {"every": 10, "keep": 2, "storage": f"{shards.bucket}/checkpoints"},
+        "tracking": {"experiment": "tests", "eval_every": 15, "image_every": 15},
+        "register": {"alias": "candidate"},
+    }
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(spec.get(key), dict):
+            spec[key] = {**spec[key], **value}
+        else:
+            spec[key] = value
+    return spec
+
+
+@dataclass(frozen=True)
+class JobRun:
+    spec: Any  # jobs.spec.JobSpec
+    result: dict[str, Any]
+    progress: str  # everything the driver printed
+
+
+def run_spec(spec: dict[str, Any], mlflow_url: str, job_id: str | None = None) -> JobRun:
+    """Validate and run one job in this process (on the session's Ray), capturing the progress lines."""
+    from jobs.run import run_job
+    from jobs.spec import parse_spec
+
+    parsed = parse_spec(spec)
+    out = io.StringIO()
+    result = run_job(parsed, job_id=job_id, tracking_uri=mlflow_url, out=out)
+    return JobRun(parsed, result, out.getvalue())
+
+
+KILL_AT_STEP = 15
+
+
+@dataclass(frozen=True)
+class KilledJob:
+    job: JobRun
+    job_id: str
+    marker: Path  # written by the worker that killed itself
+
+
+@pytest.fixture(scope="session")
+def killed_tokenizer_job(
+    ray_session: None, mlflow_url: str, cifar_s3: S3Shards, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[KilledJob]:
+    """The tiny tokenizer job from S3 shards, registered under its name@candidate, whose rank-1 worker
+    process dies (os._exit) before step 15 once. The kill waits 3 s so that Ray Train has registered the
+    step-10 checkpoint (it collects reports at its 2 s worker polls)."""
+    marker = tmp_path_factory.mktemp("kill") / "killed"
+    hooks = {"VQTRAIN_TEST_KILL_AT_STEP": str(KILL_AT_STEP), "VQTRAIN_TEST_KILL_MARKER": str(marker),
+             "VQTRAIN_TEST_KILL_DELAY_S": "3"}
+    saved = {k: os.environ.get(k) for k in hooks}
+    os.environ.update(hooks)  # read by the driver (jobs.common.test_hooks_from_env), passed to the workers
+    job_id = f"tok-kill-{uuid.uuid4().hex[:8]}"
+    try:
+        job = run_spec(tiny_tokenizer_spec(cifar_s3), mlflow_url, job_id=job_id)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    yield KilledJob(job, job_id, marker)
+
+
+@pytest.fixture(scope="session")
+def registered_tokenizer(killed_tokenizer_job: KilledJob) -> JobRun:
+    return killed_tokenizer_job.job

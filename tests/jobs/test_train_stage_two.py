@@ -1,0 +1,151 @@
+"""Stage two with the registered tokenizer: a tokenize job (started as `python -m jobs.run`, the way the
+CLI starts it) writes token shards to S3 that hold the tokenizer's codes; a MaskGIT job trains on them,
+evaluates masked-token NLL on image shards tokenised on the fly, logs samples and registers itself."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from tests.jobs.conftest import JobRun, S3Shards, run_spec
+
+pytestmark = pytest.mark.integration
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def tokenized(
+    registered_tokenizer: JobRun, mlflow_url: str, cifar_s3: S3Shards, tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, Any]:
+    """Run the tokenize job through the entry point in a child process, attached to the session's Ray."""
+    import ray
+
+    spec = {
+        "kind": "tokenize",
+        "name": f"tokens-{uuid.uuid4().hex[:6]}",
+        "tokenizer": registered_tokenizer.result["model_uri"],
+        "output": f"{cifar_s3.bucket}/tokens",
+        "data": {"train": cifar_s3.train, "eval": cifar_s3.eval, "image_size": 16,
+                 "storage_options": cifar_s3.storage_options, "num_workers": 0},
+        "optim": {"batch_size": 64},
+        "resources": {"workers": 2},
+        "tracking": {"experiment": "tests"},
+    }
+    env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_url, "RAY_ADDRESS": ray.get_runtime_context().gcs_address,
+           "VQTRAIN_HOME": str(tmp_path_factory.mktemp("vqtrain-home"))}  # Ray Train's run folder goes there
+    p = subprocess.run([sys.executable, "-m", "jobs.run", "--spec-json", json.dumps(spec)], cwd=REPO, env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    lines = p.stdout.splitlines()
+    results = [json.loads(line.split(" ", 1)[1]) for line in lines if line.startswith("VQTRAIN_RESULT ")]
+    progress = [json.loads(line.split(" ", 1)[1]) for line in lines if line.startswith("VQTRAIN_PROGRESS ")]
+    assert len(results) == 1 and progress, p.stdout[-2000:]
+    return {"result": results[0], "progress": progress, "spec": spec}
+
+
+def _token_samples(url: str, storage_options: dict) -> list[tuple[bytes, int]]:
+    from jobs.data.manifest import resolve_shards
+    from jobs.data.tario import read_shard
+
+    shards = resolve_shards(url, storage_options)
+    out = []
+    for shard in shards.urls:
+        for sample in read_shard(shard, storage_options=storage_options):
+            grid = np.load(io.BytesIO(sample["tokens.npy"]), allow_pickle=False)
+            out.append((grid.astype(np.int64).tobytes(), int(sample["cls"])))
+    return out
+
+
+def test_tokenize_job_writes_the_tokenizers_codes(
+    tokenized: dict[str, Any], registered_tokenizer: JobRun, cifar_s3: S3Shards, mlflow_client_uri: str
+) -> None:
+    import vqmodels
+    from jobs.data.loader import make_image_loader
+    from jobs.data.manifest import load_manifest
+
+    result = tokenized["result"]
+    assert result["output"] == f"{cifar_s3.bucket}/tokens" and result["model_uri"] is None
+    train = load_manifest(f"{cifar_s3.bucket}/tokens/train/manifest.json", cifar_s3.storage_options)
+    assert train.kind == "tokens" and train.num_samples == 270 and len(train.shards) == 2  # one part per rank
+    assert train.meta["grid"] == [4, 4] and train.meta["codebook_size"] == 32
+    assert tokenized["progress"][-1]["step"] == tokenized["progress"][-1]["total"]
+
+    # the eval split's codes are exactly what the registered tokenizer gives for those images
+    tok = vqmodels.load_tokenizer(registered_tokenizer.result["model_uri"], tracking_uri=mlflow_client_uri)
+    loader = make_image_loader(cifar_s3.eval, image_size=16, batch_size=64, train=False, rank=0, world_size=1,
+                               num_workers=0, storage_options=cifar_s3.storage_options)
+    expected = []
+    with torch.no_grad():
+        for batch in loader:
+            keep = batch.valid
+            for grid, label in zip(tok.encode(batch.images[keep]), batch.labels[keep].tolist(), strict=True):
+                expected.append((grid.numpy().astype(np.int64).tobytes(), label))
+    written = _token_samples(f"{cifar_s3.bucket}/tokens/eval", cifar_s3.storage_options)
+    assert len(written) == 30
+    assert sorted(written) == sorted(expected)
+
+
+def test_maskgit_job_trains_on_token_shards(
+    tokenized: dict[str, Any], registered_tokenizer: JobRun, cifar_s3: S3Shards, mlflow_client_uri: str, ray_session: None
+) -> None:
+    from mlflow import MlflowClient
+
+    import vqmodels
+
+    spec = {
+        "kind": "maskgit",
+        "name": f"maskgit-{uuid.uuid4().hex[:6]}",
+        "tokenizer": registered_tokenizer.result["model_uri"],
+        "data": {
+            "train": f"{cifar_s3.bucket}/tokens/train",  # token shards
+            "eval": cifar_s3.eval,  # image shards, tokenised on the fly
+            "image_size": 16,
+            "storage_options": cifar_s3.storage_options,
+            "shuffle_buffer": 64,
+            "num_workers": 0,
+        },
+        "model": {"dim": 32, "depth": 1, "heads": 2, "num_classes": 10},
+        "optim": {"steps": 20, "batch_size": 16, "lr": 2e-3},
+        "resources": {"workers": 2},
+        "checkpoint": {"every": 10, "storage": f"{cifar_s3.bucket}/checkpoints"},
+        "tracking": {"experiment": "tests", "eval_every": 10, "image_every": 10},
+        "register": {"alias": "candidate"},
+    }
+    job = run_spec(spec, mlflow_client_uri)
+    name = spec["name"]
+    assert job.result["model_uri"] == f"models:/{name}@candidate"
+    client = MlflowClient(mlflow_client_uri)
+    run = client.get_run(job.result["run_id"])
+    nll = client.get_metric_history(run.info.run_id, "eval/nll")
+    assert sorted(m.step for m in nll) == [10, 20]
+    assert all(0 < m.value < 2 * math.log(32) for m in nll)
+    assert 0 <= run.data.metrics["eval/accuracy"] <= 1
+    logged = [f.path for f in client.list_artifacts(run.info.run_id, "images")]
+    assert any(p.startswith("images/samples+step+20") and p.endswith(".png") for p in logged), logged
+
+    model = vqmodels.load(_download(job.result["model_uri"], mlflow_client_uri))
+    assert type(model).__name__ == "MaskGIT" and model.config.grid_size == (4, 4)
+    codes = model.generate(3, steps=4, labels=torch.tensor([0, 1, 2]))
+    assert codes.shape == (3, 4, 4) and int(codes.max()) < 32
+
+
+def _download(uri: str, tracking_uri: str) -> Path:
+    import tempfile
+
+    import mlflow
+
+    from vqmodels.checkpoint import find_checkpoint
+
+    path = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tempfile.mkdtemp(), tracking_uri=tracking_uri)
+    return find_checkpoint(path, model="maskgit")
