@@ -13,12 +13,13 @@ def nearest(z: torch.Tensor, codebook: torch.Tensor, chunk_size: int = 4096) -> 
     """Index of the nearest code (squared l2) for each row of z: (N, d) x (K, d) -> (N,) long."""
     c_sq = codebook.pow(2).sum(1)
     ct = codebook.t()
+    # min(1).indices: the same index as argmin (first minimum), but a faster kernel on CPU
     if z.shape[0] <= chunk_size:
-        return torch.addmm(c_sq, z, ct, alpha=-2.0).argmin(1)
+        return torch.addmm(c_sq, z, ct, alpha=-2.0).min(1).indices
     out = torch.empty(z.shape[0], dtype=torch.long, device=z.device)
     for start in range(0, z.shape[0], chunk_size):
         block = z[start : start + chunk_size]
-        out[start : start + block.shape[0]] = torch.addmm(c_sq, block, ct, alpha=-2.0).argmin(1)
+        out[start : start + block.shape[0]] = torch.addmm(c_sq, block, ct, alpha=-2.0).min(1).indices
     return out
 
 

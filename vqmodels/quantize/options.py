@@ -43,7 +43,7 @@ class QuantizerOptions:
     soft_em_temperature: float = 1.0  # T of that softmax
     distance: Distance = "l2"  # "cosine": vectors and codes are l2-normalised before matching
     usage_window: int = 100  # steps over which "usage_window" and dead codes are counted
-    chunk_size: int = 512  # rows per distance/argmin chunk (keeps the N x K block in cache)
+    chunk_size: int = 1024  # rows per distance/argmin chunk (keeps the N x K block in cache)
 
 
 PRESETS: dict[str, dict[str, Any]] = {
