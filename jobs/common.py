@@ -249,7 +249,8 @@ class ProgressPrinter:
 
 
 class Progress:
-    """Rank 0 side: throttled progress records (every `interval` s and at the last step)."""
+    """Rank 0 side: throttled progress records (every `interval` s and at the last step): step, total,
+    metrics, images/s and the record's `time` (unix seconds)."""
 
     def __init__(self, sink: Any, total: int, worker: Worker, interval: float = 0.5):
         self.sink, self.total, self.worker, self.interval = sink, total, worker, interval
@@ -265,6 +266,7 @@ class Progress:
         item = {
             "step": int(step),
             "total": int(self.total),
+            "time": round(time.time(), 3),  # unix seconds on rank 0: the service's ETA uses the step rate
             "metrics": {k: round(float(v), 6) for k, v in metrics.items() if _finite(v)},
             "images_per_s": None if images_per_s is None else round(float(images_per_s), 2),
         }
@@ -418,8 +420,10 @@ class TrainBatches:
 
 
 def image_loader(spec: Any, worker: Worker, train: bool) -> Any | None:
-    """The data issue's per-rank image loader for `data.train` (train=True) or `data.eval` (None if unset)."""
+    """The data issue's per-rank image loader for `data.train` (train=True) or `data.eval` (None if unset);
+    local shards must lie under the service's allowed roots when the job runs under the service."""
     from jobs.data.loader import make_image_loader
+    from jobs.data.storage import allowed_roots_from_env
 
     d = spec.data
     source = d.train if train else d.eval
@@ -437,6 +441,7 @@ def image_loader(spec: Any, worker: Worker, train: bool) -> Any | None:
         shuffle_buffer=d.shuffle_buffer,
         epoch_batches=d.epoch_batches if train else None,
         storage_options=d.storage_options,
+        allowed_roots=allowed_roots_from_env(),
         pin_memory=worker.device.type == "cuda",
     )
 
@@ -549,6 +554,8 @@ class JobEnv:
 
 def loop_config(spec: Any, *, run_id: str, tracking_uri: str, job_id: str, sink: Any) -> dict[str, Any]:
     """Driver side: the `train_loop_config` every job loop receives (plain data + the sink's handle)."""
+    from jobs.data.storage import allowed_roots_from_env
+
     return {
         "spec": spec.model_dump(mode="json"),
         "run_id": run_id,
@@ -556,6 +563,7 @@ def loop_config(spec: Any, *, run_id: str, tracking_uri: str, job_id: str, sink:
         "job_id": job_id,
         "sink": sink,
         "hooks": test_hooks_from_env(),
+        "allowed_roots": allowed_roots_from_env(),  # workers on a cluster joined by hand lack the driver's env
     }
 
 
@@ -567,8 +575,14 @@ def open_job(config: dict[str, Any]) -> JobEnv:
     worker = worker_context(int(spec.resources.cpus_per_worker))
     if config.get("tracking_uri"):
         # this process belongs to the job: every MLflow call in it (registry lookups of
-        # `tokenizer: models:/...` included) goes to the job's server
+        # `tokenizer: models:/...` included) goes to the job's server, whatever registry URI the
+        # worker inherited from whoever started Ray
         os.environ["MLFLOW_TRACKING_URI"] = config["tracking_uri"]
+        os.environ["MLFLOW_REGISTRY_URI"] = config["tracking_uri"]
+    if config.get("allowed_roots") is not None:  # read by the loaders (`allowed_roots_from_env`)
+        from jobs.data.storage import ALLOWED_ROOTS_ENV
+
+        os.environ[ALLOWED_ROOTS_ENV] = json.dumps(config["allowed_roots"])
     run = None
     if worker.is_main and config.get("run_id"):
         from jobs.tracking import RunLogger

@@ -1,10 +1,10 @@
 """`python -m jobs.run SPEC` — the jobs' entry point (what `vqtrain run` and the Ray Jobs API start).
 
-The driver validates the spec, connects to Ray (`VQTRAIN_RAY_ADDRESS` / `RAY_ADDRESS`, else a local
-Ray), creates or resumes the job's MLflow run (found again by the `VQTRAIN_JOB_ID` tag, so a resubmitted
-job keeps one run), starts Ray Train's TorchTrainer with the kind's loop, prints rank 0's progress as
-`VQTRAIN_PROGRESS {...}` lines and ends with one `VQTRAIN_RESULT {...}` line. Exit status: 0 done,
-2 invalid spec, 1 the job failed.
+The driver validates the spec, connects to Ray (`VQTRAIN_RAY_ADDRESS` / `RAY_ADDRESS` unless they
+hold an http(s) Jobs API address, else a private local Ray), creates or resumes the job's MLflow run
+(found again by the `VQTRAIN_JOB_ID` tag, so a resubmitted job keeps one run), starts Ray Train's
+TorchTrainer with the kind's loop, prints rank 0's progress as `VQTRAIN_PROGRESS {...}` lines and ends
+with one `VQTRAIN_RESULT {...}` line. Exit status: 0 done, 2 invalid spec, 1 the job failed.
 """
 
 from __future__ import annotations
@@ -14,10 +14,11 @@ import json
 import os
 import sys
 import uuid
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, TextIO
 
-from jobs.spec import JobSpec, SpecError, absolute_paths, flatten_spec, load_spec, parse_spec, parse_text
+from jobs.spec import JobSpec, SpecError, absolute_paths, load_spec, parse_spec, parse_text
 
 LOOPS = {
     "tokenizer": "jobs.train_tokenizer:train_loop",
@@ -33,20 +34,43 @@ def _loop(kind: str) -> Any:
     return getattr(importlib.import_module(module), name)
 
 
+ADDRESS_VARS = ("VQTRAIN_RAY_ADDRESS", "RAY_ADDRESS")
+
+
+def ray_address(environ: Mapping[str, str] | None = None) -> str | None:
+    """The cluster to join: `$VQTRAIN_RAY_ADDRESS`, else `$RAY_ADDRESS` (Ray sets it inside a Ray job),
+    else None. `http(s)://` values are skipped: that is a Ray Jobs API address (the service's
+    `VQTRAIN_RAY_ADDRESS`, or the `RAY_ADDRESS` that `ray job submit` reads), not one `ray.init` takes."""
+    env = os.environ if environ is None else environ
+    for var in ADDRESS_VARS:
+        value = (env.get(var) or "").strip()
+        if value and not value.lower().startswith(("http://", "https://")):
+            return value
+    return None
+
+
+def ray_init_kwargs(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """`ray.init` arguments: join the configured cluster, else start a private local Ray
+    (`address="local"`, so a `ray start` head elsewhere on the machine is never joined by accident)
+    without a dashboard, which a one-job Ray does not need."""
+    address = ray_address(environ)
+    if address is None:
+        return {"address": "local", "include_dashboard": False, "log_to_driver": True}
+    return {"address": address, "log_to_driver": True}  # the cluster decides about its dashboard
+
+
 def connect_ray() -> None:
     """Join the configured cluster, or start a local Ray inside this process."""
     import ray
 
     if ray.is_initialized():
         return
-    address = os.environ.get("VQTRAIN_RAY_ADDRESS") or os.environ.get("RAY_ADDRESS")
-    ray.init(address=address or None, include_dashboard=False if not address else None, log_to_driver=True)
+    ray.init(**ray_init_kwargs())
 
 
 def run_job(
     spec: JobSpec,
     *,
-    spec_text: str | None = None,
     job_id: str | None = None,
     tracking_uri: str | None = None,
     out: TextIO | None = None,
@@ -75,8 +99,7 @@ def run_job(
         client, spec.tracking.experiment, job_id, run_name=spec.name, tags={tracking.KIND_TAG: spec.kind}
     )
     if created:
-        tracking.log_params(client, run_id, flatten_spec(spec))
-        client.log_text(run_id, spec_text or json.dumps(spec.model_dump(mode="json"), indent=2), "spec/spec.yaml")
+        tracking.log_spec(client, run_id, spec)  # params and spec/spec.yaml, storage secrets redacted
     result = {
         "run_id": run_id,
         "run_url": tracking.run_url(tracking_uri, exp_id, run_id),
@@ -136,17 +159,19 @@ def run_job(
 
 def preflight(spec: JobSpec) -> None:
     """Fail before anything starts (no run, no workers) when the model config cannot be built or the
-    data cannot be found; the SpecError names the field."""
+    data cannot be found (or lies outside `$VQTRAIN_ALLOWED_ROOTS`); the SpecError names the field."""
     from jobs.build import tokenizer_config
     from jobs.data.manifest import resolve_shards
+    from jobs.data.storage import allowed_roots_from_env
 
     if spec.kind == "tokenizer":
         tokenizer_config(spec)
+    roots = allowed_roots_from_env()  # set when the service started this job
     for loc, source in (("data.train", spec.data.train), ("data.eval", spec.data.eval)):
         if source is None:
             continue
         try:
-            resolve_shards(source, spec.data.storage_options)
+            resolve_shards(source, spec.data.storage_options, roots)
         except (OSError, ValueError) as e:
             raise SpecError([{"loc": loc, "msg": f"cannot read the shards: {e}"}]) from e
 
@@ -159,15 +184,15 @@ class JobFailed(RuntimeError):
         self.result = result
 
 
-def _read_spec(args: argparse.Namespace) -> tuple[JobSpec, str]:
+def _read_spec(args: argparse.Namespace) -> JobSpec:
     if args.spec_json is not None:
-        return parse_spec(parse_text(args.spec_json, "--spec-json")), args.spec_json
+        return parse_spec(parse_text(args.spec_json, "--spec-json"))
     if args.spec is None:
         raise SpecError([{"loc": "", "msg": "give a spec file or --spec-json"}])
     path = Path(args.spec)
     spec = load_spec(path)
     # relative paths in a spec file are relative to the file (workers run elsewhere)
-    return absolute_paths(spec, path.resolve().parent), path.read_text()
+    return absolute_paths(spec, path.resolve().parent)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -177,12 +202,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--job-id", help="job id (default: $VQTRAIN_JOB_ID or a new one)")
     args = parser.parse_args(argv)
     try:
-        spec, text = _read_spec(args)
+        spec = _read_spec(args)
     except SpecError as e:
         print(str(e), file=sys.stderr)
         return 2
     try:
-        result = run_job(spec, spec_text=text, job_id=args.job_id)
+        result = run_job(spec, job_id=args.job_id)
     except JobFailed as e:
         print(f"vqtrain: {e}", file=sys.stderr)
         print(f"vqtrain: run {e.result['run_url']}", file=sys.stderr)

@@ -36,6 +36,8 @@ from vqmodels.quantize.options import PRESETS, QuantizerOptions, resolve_options
 Kind = Literal["tokenizer", "maskgit", "tokenize"]
 NAME_PATTERN = r"^[a-z0-9][a-z0-9\-_.]*$"
 ALIAS_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9\-_]*$"
+MAX_ALIAS_LENGTH = 255  # MLflow's limit on alias names
+_VERSION_ALIAS = re.compile(r"^[vV]\d+$")  # MLflow reserves these: models:/name@v3 means version 3
 URL_SCHEMES = ("file", "s3", "gs", "http", "https")
 _MODEL_URI = re.compile(r"^models:/[A-Za-z0-9][A-Za-z0-9\-_.]*(@[A-Za-z0-9][A-Za-z0-9\-_]*|/[0-9]+)$")
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*):")
@@ -283,7 +285,25 @@ class TrackingSpec(_Strict):
 
 class RegisterSpec(_Strict):
     model_name: str | None = Field(None, pattern=NAME_PATTERN, description="null = the job's name")
-    alias: str | None = Field("latest", pattern=ALIAS_PATTERN, description="null = set no alias")
+    alias: str | None = Field(
+        "latest",
+        pattern=ALIAS_PATTERN,
+        max_length=MAX_ALIAS_LENGTH,
+        description=(
+            "alias set on the registered version, e.g. 'candidate'; 'latest' (the default) means the newest "
+            "version: MLflow reserves it and resolves models:/<name>@latest itself, so no alias is set; "
+            "v<digits> is reserved by MLflow for versions; null = set no alias"
+        ),
+    )
+
+    @field_validator("alias")
+    @classmethod
+    def _alias_not_reserved(cls, v: str | None) -> str | None:
+        # MLflow's alias check (`_validate_model_alias_name_reserved`) refuses these only at
+        # registration, i.e. after the whole training run: refuse them before anything runs.
+        if v is not None and _VERSION_ALIAS.match(v):
+            raise ValueError(f"{v!r} is reserved by MLflow (v<digits> names a version); choose another alias")
+        return v
 
 
 # `register` is a spec field and also ABCMeta.register on the class (not on instances): harmless.

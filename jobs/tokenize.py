@@ -50,6 +50,7 @@ def tokenize_loop(config: dict[str, Any]) -> None:
 def encode_split(env: JobEnv, tok: Any, source: Any, dest: str, split: str) -> dict[str, float]:
     """Encode this rank's share of `source` into `dest/part-<rank>/`; rank 0 writes the merged manifest."""
     from jobs.data.loader import make_image_loader
+    from jobs.data.storage import allowed_roots_from_env
     from jobs.data.tokens import TokenShardWriter
 
     spec, worker = env.spec, env.worker
@@ -57,6 +58,7 @@ def encode_split(env: JobEnv, tok: Any, source: Any, dest: str, split: str) -> d
     loader = make_image_loader(
         source, image_size=d.image_size, batch_size=spec.optim.batch_size, train=False, rank=worker.rank,
         world_size=worker.world_size, num_workers=d.num_workers, storage_options=d.storage_options,
+        allowed_roots=allowed_roots_from_env(),
     )
     src = loader.stream.shards.manifest
     writer = TokenShardWriter(
@@ -82,8 +84,8 @@ def encode_split(env: JobEnv, tok: Any, source: Any, dest: str, split: str) -> d
                         written += 1
                 rate = written * worker.world_size / max(time.perf_counter() - start, 1e-9)
                 progress.update(i + 1, {f"{split}/encoded": written * worker.world_size}, rate)
-    except BaseException as e:
-        writer.__exit__(type(e), e, e.__traceback__)  # aborts: no half-written shard stays behind
+    except BaseException:
+        writer.abort()  # nothing half-written stays behind, and no manifest
         raise
     writer.meta["skipped"] = loader.skipped
     part = writer.close()

@@ -15,14 +15,18 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
+import yaml
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param
+
+from jobs.spec import JobSpec, flatten_spec, redacted
 
 JOB_TAG = "vqtrain.job_id"
 KIND_TAG = "vqtrain.kind"
 MODEL_URI_TAG = "vqtrain.model_uri"
 MODEL_VERSION_TAG = "vqtrain.model_version"
 OUTPUT_TAG = "vqtrain.output"
+SPEC_ARTIFACT = "spec/spec.yaml"
 PYFUNC_CODE = Path(__file__).with_name("mlflow_model.py")
 MAX_PARAM_VALUE = 6000
 
@@ -62,6 +66,18 @@ def _create_experiment(client: MlflowClient, name: str) -> str:
         return client.get_experiment_by_name(name).experiment_id
 
 
+def log_spec(client: MlflowClient, run_id: str, spec: JobSpec) -> None:
+    """The spec on a new run: flattened as params and whole as `spec/spec.yaml`, both redacted (storage
+    secrets as '***'): anyone who can read the run can read its params and artifacts."""
+    log_params(client, run_id, flatten_spec(spec))
+    client.log_text(run_id, spec_yaml(spec), SPEC_ARTIFACT)
+
+
+def spec_yaml(spec: JobSpec) -> str:
+    """The redacted spec as YAML (the validated form: defaults filled in, paths absolute)."""
+    return yaml.safe_dump(redacted(spec), sort_keys=False)
+
+
 def log_params(client: MlflowClient, run_id: str, params: dict[str, str]) -> None:
     """Log the flattened spec (MLflow takes at most 100 params per call and bounded values)."""
     items = [Param(k, str(v)[:MAX_PARAM_VALUE]) for k, v in sorted(params.items())]
@@ -86,7 +102,7 @@ class RunLogger:
 
     def __init__(self, tracking_uri: str, run_id: str, flush_every: float = 5.0):
         self.tracking_uri, self.run_id, self.flush_every = tracking_uri, run_id, flush_every
-        self.client = MlflowClient(tracking_uri)
+        self.client = MlflowClient(tracking_uri, registry_uri=tracking_uri)  # the registry is the same server
         os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
         self._buffer: list[Metric] = []
         self._last_flush = time.monotonic()
@@ -144,6 +160,7 @@ class RunLogger:
         version = tags.get(MODEL_VERSION_TAG)
         if version is None or registered_name is None:
             mlflow.set_tracking_uri(self.tracking_uri)
+            mlflow.set_registry_uri(self.tracking_uri)  # registered_model_name goes through the registry URI
             with mlflow.start_run(run_id=self.run_id):
                 info = mlflow.pyfunc.log_model(
                     name=artifact_key,

@@ -133,13 +133,15 @@ def token_loader(spec: Any, worker: Worker, train: bool, tok: Any) -> Any | None
     """Token shards when the source's manifest says `kind: tokens` (checked against the tokenizer),
     else the image loader (tokenised on the fly); None when the split is not configured."""
     from jobs.data.manifest import resolve_shards
+    from jobs.data.storage import allowed_roots_from_env
     from jobs.data.tokens import make_token_loader
 
     d = spec.data
     source = d.train if train else d.eval
     if source is None:
         return None
-    manifest = resolve_shards(source, d.storage_options).manifest
+    roots = allowed_roots_from_env()
+    manifest = resolve_shards(source, d.storage_options, roots).manifest
     if manifest is None or manifest.kind != "tokens":
         return image_loader(spec, worker, train=train)
     loc = "data.train" if train else "data.eval"
@@ -152,7 +154,7 @@ def token_loader(spec: Any, worker: Worker, train: bool, tok: Any) -> Any | None
     return make_token_loader(
         source, batch_size=spec.optim.batch_size, train=train, rank=worker.rank, world_size=worker.world_size,
         num_workers=d.num_workers, seed=spec.optim.seed, shuffle_buffer=d.shuffle_buffer,
-        epoch_batches=d.epoch_batches if train else None, storage_options=d.storage_options,
+        epoch_batches=d.epoch_batches if train else None, storage_options=d.storage_options, allowed_roots=roots,
     )
 
 

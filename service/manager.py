@@ -9,13 +9,16 @@ a duplicate id) and several replicas sharing a store cannot run a job twice.
 from __future__ import annotations
 
 import datetime as dt
+import json
 import logging
+import os
 import threading
 import time
 from typing import Any
 
 from sqlalchemy.orm import Session, sessionmaker
 
+from jobs.data.storage import ALLOWED_ROOTS_ENV
 from service import registry, store
 from service.ray_client import (
     STATE_OF_RAY,
@@ -23,6 +26,7 @@ from service.ray_client import (
     RayJobs,
     RayUnavailable,
     entrypoint,
+    eta_seconds,
     parse_logs,
     spec_env,
 )
@@ -81,6 +85,9 @@ class JobManager:
         env = {"VQTRAIN_JOB_ID": job.id, "PYTHONUNBUFFERED": "1", **self.settings.job_env, **spec_env(job.spec)}
         if self.mlflow_uri:
             env["MLFLOW_TRACKING_URI"] = self.mlflow_uri
+        if self.settings.allowed_roots:  # the job's loaders keep local data under the roots checked here
+            roots = [os.path.abspath(os.path.expanduser(r)) for r in self.settings.allowed_roots]
+            env[ALLOWED_ROOTS_ENV] = json.dumps(roots)
         return env
 
     def dispatch(self) -> int:
@@ -168,10 +175,10 @@ class JobManager:
         step, total = last.get("step") or 0, last.get("total") or 0
         if not total or step >= total:
             return {"eta_seconds": 0.0 if total else None}
-        if "time" in first and "time" in last and last["step"] > first["step"]:
-            rate = (last["step"] - first["step"]) / max(last["time"] - first["time"], 1e-6)
-            return {"eta_seconds": round((total - step) / rate, 1)}
-        # no timestamps in the progress lines: rate since the service first saw this attempt progress
+        eta = eta_seconds(first, last)  # the job's own timestamps: the step rate of this attempt
+        if eta is not None:
+            return {"eta_seconds": eta}
+        # no timestamps (or one record so far): rate since the service first saw this attempt progress
         if job.origin_step is None or step < job.origin_step:
             return {"origin_step": step, "origin_at": store.utcnow(), "eta_seconds": None}
         if step > job.origin_step and job.origin_at is not None:

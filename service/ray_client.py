@@ -89,6 +89,24 @@ def parse_logs(text: str) -> LogReport:
     return report
 
 
+def eta_seconds(first: dict[str, Any] | None, last: dict[str, Any] | None) -> float | None:
+    """Seconds left at the step rate between two progress records of one attempt, from their `time`
+    stamps (unix seconds, taken on rank 0, so eval and checkpoint pauses count as they will again);
+    0 once the last step is reached; None without two timed records that advanced."""
+    if not first or not last:
+        return None
+    step, total, t1 = last.get("step"), last.get("total"), last.get("time")
+    step0, t0 = first.get("step"), first.get("time")
+    if not all(isinstance(v, int | float) for v in (step, total, t1, step0, t0)):
+        return None
+    if total and step >= total:
+        return 0.0
+    if not total or step <= step0 or t1 <= t0:
+        return None
+    rate = (step - step0) / (t1 - t0)
+    return round((total - step) / rate, 1)
+
+
 SPEC_ENV = "VQTRAIN_SPEC_JSON"
 
 

@@ -11,10 +11,12 @@ import hashlib
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, Field, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import BaseModel, Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from jobs.data.storage import parse_roots
 
 
 def hash_token(token: str) -> str:
@@ -55,7 +57,10 @@ class Settings(BaseSettings):
     mlflow_uri: str | None = Field(None, description="MLflow tracking URI given to jobs and used for models")
     store_url: str | None = Field(None, description="SQLAlchemy URL of the job store; default SQLite in home")
     tokens: list[TokenEntry] = Field(default_factory=list)
-    allowed_roots: list[str] = Field(default_factory=list, description="local paths a spec may use")
+    allowed_roots: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="local paths a spec may use: a JSON list or paths joined by os.pathsep; jobs get them too",
+    )
     allowed_schemes: list[str] = Field(
         ["s3", "gs", "http", "https", "file"], description="remote data URL schemes"
     )
@@ -69,6 +74,11 @@ class Settings(BaseSettings):
         default_factory=dict, description="extra Ray runtime_env for every job"
     )
     log_tail_lines: int = Field(200, ge=1)
+
+    @field_validator("allowed_roots", mode="before")
+    @classmethod
+    def _parse_roots(cls, value: Any) -> Any:
+        return parse_roots(value) if isinstance(value, str) else value
 
     @model_validator(mode="after")
     def _fallbacks(self) -> Settings:

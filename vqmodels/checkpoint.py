@@ -7,11 +7,13 @@ refactors of the Python classes. `load_tokenizer` also accepts MLflow URIs (mode
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import os
 import re
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -138,7 +140,13 @@ def load_tokenizer(
     uri: str | Path, map_location: str | torch.device = "cpu", tracking_uri: str | None = None
 ) -> Tokenizer:
     """A tokenizer from a local directory or an MLflow URI (`models:/name@alias`, `models:/name/3`,
-    `runs:/<id>/path`, ...). MLflow is imported only here, lazily, and only for URIs."""
+    `runs:/<id>/path`, ...). MLflow is imported only here, lazily, and only for URIs.
+
+    `tracking_uri` (default: MLflow's own configuration) also names the registry for `models:/` URIs.
+    MLflow resolves those through its process-wide registry URI, not the `tracking_uri` argument, so it
+    is pointed there for the download and restored afterwards (a leftover `MLFLOW_REGISTRY_URI` would
+    send later registrations of this process, and of every process it starts, to the wrong server).
+    """
     local = Path(uri)
     if local.exists():
         return load(find_checkpoint(local), map_location)
@@ -149,6 +157,34 @@ def load_tokenizer(
         artifacts = importlib.import_module("mlflow.artifacts")
     except ImportError as e:
         raise ImportError(f"{uri}: loading from MLflow needs the 'mlflow' package (pip install vqtrain[train])") from e
-    with tempfile.TemporaryDirectory(prefix="vqtokenizer-") as tmp:
-        path = artifacts.download_artifacts(artifact_uri=uri, dst_path=tmp, tracking_uri=tracking_uri)
+    registry_uri = tracking_uri if tracking_uri and uri.lower().startswith("models:") else None
+    with _registry_uri(registry_uri), tempfile.TemporaryDirectory(prefix="vqtokenizer-") as tmp:
+        path = artifacts.download_artifacts(
+            artifact_uri=uri, dst_path=tmp, tracking_uri=tracking_uri, registry_uri=registry_uri
+        )
         return load(find_checkpoint(path), map_location)
+
+
+_REGISTRY_ENV = "MLFLOW_REGISTRY_URI"
+
+
+@contextlib.contextmanager
+def _registry_uri(uri: str | None) -> Iterator[None]:
+    """MLflow's process-wide registry URI set to `uri` inside the block (nothing happens for None).
+    `mlflow.set_registry_uri` keeps it in a module global and in $MLFLOW_REGISTRY_URI; both are restored."""
+    if uri is None:
+        yield
+        return
+    mlflow = importlib.import_module("mlflow")
+    state = importlib.import_module("mlflow.tracking._model_registry.utils")
+    before, before_env = getattr(state, "_registry_uri", None), os.environ.get(_REGISTRY_ENV)
+    mlflow.set_registry_uri(uri)
+    try:
+        yield
+    finally:
+        if hasattr(state, "_registry_uri"):
+            state._registry_uri = before
+        if before_env is None:
+            os.environ.pop(_REGISTRY_ENV, None)
+        else:
+            os.environ[_REGISTRY_ENV] = before_env

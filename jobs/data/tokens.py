@@ -8,6 +8,7 @@ equal batch counts per rank, resampled shards, exact eval.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import random
@@ -17,6 +18,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
+from jobs.data import storage
 from jobs.data.manifest import Manifest, resolve_shards
 from jobs.data.stream import ShardLoader, ShardStream, dist_info
 from jobs.data.tario import TarShardWriter
@@ -99,6 +101,16 @@ class TokenShardWriter:
         return self._writer.close(Manifest(name=self._writer.name, kind="tokens",
                                            class_names=self.class_names, meta=meta))
 
+    def abort(self) -> None:
+        """Give up: close the shard being written and delete every shard this writer produced, writing
+        no manifest, so a failed run leaves nothing a reader could mistake for (part of) a shard set."""
+        self._writer.abort()
+        for shard in self._writer.shards:
+            url = storage.join_url(self._writer.dest, shard.url)
+            with contextlib.suppress(FileNotFoundError):
+                storage.remove(url, self._writer.storage_options)
+        self._writer.shards.clear()
+
     def __enter__(self) -> TokenShardWriter:
         return self
 
@@ -106,7 +118,7 @@ class TokenShardWriter:
         if exc_type is None:
             self.close()
         else:
-            self._writer.abort()
+            self.abort()
 
 
 class TokenDecoder:

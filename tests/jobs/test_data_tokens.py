@@ -56,6 +56,32 @@ def test_writer_rejects_bad_codes(tmp_path) -> None:
         w.write(np.zeros((2, 2)), 0)
 
 
+def test_abort_leaves_nothing_behind(tmp_path) -> None:
+    """Two finished shards and a half-written one: abort deletes them all and writes no manifest."""
+    dest = tmp_path / "tokens"
+    w = TokenShardWriter(str(dest), codebook_size=1024, per_shard=10)
+    w.write_batch(torch.from_numpy(_grids(25, 1024)), torch.zeros(25, dtype=torch.long))
+    assert len(list(dest.glob("*.tar"))) == 2  # finished shards are already in place
+    w.abort()
+    assert list(dest.iterdir()) == []
+    with pytest.raises(RuntimeError, match="boom"), TokenShardWriter(str(dest), codebook_size=16, per_shard=2) as w:
+        w.write_batch(np.zeros((5, 2, 2), dtype=np.int64), [0] * 5)
+        raise RuntimeError("boom")
+    assert list(dest.iterdir()) == []
+
+
+def test_abort_on_s3_deletes_the_uploaded_shards(s3_bucket, s3_storage_options) -> None:
+    from jobs.data.storage import filesystem
+
+    dest = f"{s3_bucket}/aborted"
+    w = TokenShardWriter(dest, codebook_size=16, per_shard=2, storage_options=s3_storage_options)
+    w.write_batch(np.zeros((5, 2, 2), dtype=np.int64), [0] * 5)
+    fs, path = filesystem(dest, s3_storage_options)
+    assert len(fs.ls(path, refresh=True)) == 2
+    w.abort()
+    assert not fs.exists(path) or fs.ls(path, refresh=True) == []
+
+
 def test_encode_images_to_token_shards_on_s3(s3_bucket, s3_storage_options) -> None:
     src, dest = f"{s3_bucket}/images", f"{s3_bucket}/tokens"
     write_shards(src, [9, 6], bad={2}, storage_options=s3_storage_options)

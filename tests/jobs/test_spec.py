@@ -99,10 +99,43 @@ def test_model_follows_kind():
         ({"output": "/out"}, "output"),
         ({"checkpoint": {"storage": "pipe:x"}}, "checkpoint.storage"),
         ({"register": {"alias": "bad alias"}}, "register.alias"),
+        ({"model": {"res_blocks": 0}}, "model.res_blocks"),
     ],
 )
 def test_every_error_names_its_field(over, loc):
     assert loc in errors_of(base(**over))
+
+
+@pytest.mark.parametrize("alias", ["v1", "V12", "v007", "a" * 256])
+def test_aliases_mlflow_refuses_are_spec_errors(alias):
+    """MLflow refuses these only when registering, after the whole training run; the spec refuses them first."""
+    assert "register.alias" in errors_of(base(register={"alias": alias}))
+
+
+def test_aliases_mlflow_accepts_are_valid():
+    for alias in ("candidate", "v1-rc", "prod_2", "version3", "latest", "a" * 255):
+        assert parse_spec(base(register={"alias": alias})).register.alias == alias
+    assert parse_spec(base(register={"alias": None})).register.alias is None
+    assert "newest version" in JobSpec.model_json_schema()["$defs"]["RegisterSpec"]["properties"]["alias"]["description"]
+
+
+def test_alias_rules_agree_with_mlflow():
+    """Every alias the spec accepts MLflow accepts too ('latest' aside: jobs.tracking never sets it)."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.utils.validation import _validate_model_alias_name, _validate_model_alias_name_reserved
+
+    for alias in ("candidate", "v1", "V2", "v1a", "v-1", "x" * 255, "x" * 256, "prod_2", "Champion", "9lives"):
+        try:
+            _validate_model_alias_name(alias)
+            _validate_model_alias_name_reserved(alias)
+            mlflow_ok = True
+        except MlflowException:
+            mlflow_ok = False
+        try:
+            spec_ok = parse_spec(base(register={"alias": alias})).register.alias == alias
+        except SpecError:
+            spec_ok = False
+        assert spec_ok <= mlflow_ok, alias
 
 
 def test_kind_requirements():

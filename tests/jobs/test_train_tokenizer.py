@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from tests.jobs.conftest import KILL_AT_STEP, JobRun, KilledJob, S3Shards
 
@@ -31,7 +32,7 @@ def _state(checkpoint_path: str, storage_options: dict) -> dict:
         return torch.load(f, map_location="cpu", weights_only=False)
 
 
-def test_tokenizer_job_tracks_and_registers(registered_tokenizer: JobRun, mlflow_url: str) -> None:
+def test_tokenizer_job_tracks_and_registers(registered_tokenizer: JobRun, mlflow_url: str, tmp_path: Path) -> None:
     from mlflow import MlflowClient
 
     spec, result = registered_tokenizer.spec, registered_tokenizer.result
@@ -64,6 +65,9 @@ def test_tokenizer_job_tracks_and_registers(registered_tokenizer: JobRun, mlflow
                  "eval/final.json"):
         assert name in logged, (name, logged)
     assert any(p.startswith("images/reconstructions+step+30") for p in logged)
+    logged_spec = yaml.safe_load(Path(client.download_artifacts(run.info.run_id, "spec/spec.yaml", str(tmp_path))).read_text())
+    assert logged_spec["data"]["storage_options"]["secret"] == "***"  # nor in the logged spec
+    assert logged_spec["data"]["storage_options"]["key"] == "***" and logged_spec["optim"]["steps"] == 30
 
     version = client.get_model_version_by_alias(spec.name, "candidate")
     assert version.run_id == run.info.run_id
@@ -128,7 +132,10 @@ def test_killed_worker_resumes_in_the_same_run(killed_tokenizer_job: KilledJob, 
 
     steps = [p["step"] for p in _progress(job.progress)]
     restarts = [i for i in range(1, len(steps)) if steps[i] <= steps[i - 1]]
-    assert len(restarts) == 1 and 10 < steps[restarts[0]] <= KILL_AT_STEP + 1, steps
+    # Progress is throttled (one record per 0.5 s), so the restart shows in the stream only when the
+    # killed attempt printed a step past the checkpoint; the metric above is the reliable witness.
+    assert steps[-1] == 30 and len(restarts) <= 1, steps
+    assert all(10 < steps[i] <= KILL_AT_STEP + 1 for i in restarts), steps
 
     state = _state(job.result["checkpoint"], cifar_s3.storage_options)
     assert state["step"] == 30

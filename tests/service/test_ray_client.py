@@ -6,7 +6,7 @@ import json
 import os
 import subprocess
 
-from service.ray_client import entrypoint, parse_logs, spec_env
+from service.ray_client import entrypoint, eta_seconds, parse_logs, spec_env
 
 
 def test_parse_logs_takes_latest_progress_result_and_error():
@@ -30,6 +30,21 @@ def test_parse_logs_takes_latest_progress_result_and_error():
     spec_err = parse_logs("invalid job spec:\n  data.train: no shards\n  optim.steps: >= 1\nTraceback")
     assert spec_err.failure == "invalid job spec: data.train: no shards optim.steps: >= 1"
     assert parse_logs("").progress is None
+
+
+def test_eta_follows_the_step_rate_of_the_timed_progress_records():
+    def line(step, t):
+        return "VQTRAIN_PROGRESS " + json.dumps({"step": step, "total": 100, "metrics": {}, "time": t})
+
+    r = parse_logs("\n".join([line(1, 1000.0), line(11, 1010.0), line(21, 1020.0)]))
+    assert eta_seconds(r.first_progress, r.progress) == 79.0  # 1 step/s, 79 steps to go
+    # a restart from a checkpoint starts a new attempt: its rate counts, not the time lost in between
+    r = parse_logs("\n".join([line(1, 1000.0), line(50, 1049.0), line(40, 2000.0), line(60, 2005.0)]))
+    assert eta_seconds(r.first_progress, r.progress) == 10.0  # 4 steps/s, 40 to go
+    assert eta_seconds(r.progress, r.progress) is None  # one record: no rate yet
+    untimed = {"step": 20, "total": 100}
+    assert eta_seconds({"step": 10, "total": 100}, untimed) is None  # old job code: the service measures
+    assert eta_seconds({"step": 1, "total": 100, "time": 1.0}, {"step": 100, "total": 100, "time": 9.0}) == 0.0
 
 
 def test_entrypoint_gets_the_spec_from_the_environment_through_the_shell(tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 from pydantic import ValidationError
@@ -36,3 +37,26 @@ def test_token_entries_need_a_hash():
         TokenEntry(name="x")
     with pytest.raises(ValidationError):
         TokenEntry(name="x", sha256="not-hex")
+
+
+def test_allowed_roots_are_read_like_the_jobs_read_them(monkeypatch, tmp_path):
+    """One parser (jobs.data.storage.parse_roots) for the service's roots and for the jobs it starts."""
+    monkeypatch.setenv("VQTRAIN_HOME", str(tmp_path))
+    monkeypatch.setenv("VQTRAIN_ALLOWED_ROOTS", f"/data{os.pathsep}/scratch")
+    assert Settings().allowed_roots == ["/data", "/scratch"]
+    monkeypatch.setenv("VQTRAIN_ALLOWED_ROOTS", '["/data", 3]')
+    with pytest.raises(ValidationError, match="VQTRAIN_ALLOWED_ROOTS"):
+        Settings()
+    assert Settings(allowed_roots=["/x"]).allowed_roots == ["/x"]
+
+
+def test_jobs_get_the_services_roots(tmp_path):
+    from jobs.data.storage import ALLOWED_ROOTS_ENV, allowed_roots_from_env
+    from service.manager import JobManager
+    from service.store import Job
+
+    job = Job(id="vq-1", spec={"name": "t"})
+    env = JobManager(Settings(home=tmp_path, allowed_roots=["/data", "~/shards"]), None, None, None).job_env(job)
+    assert allowed_roots_from_env(env) == ["/data", os.path.expanduser("~/shards")]  # absolute where the job runs
+    env = JobManager(Settings(home=tmp_path), None, None, None).job_env(job)
+    assert ALLOWED_ROOTS_ENV not in env  # none configured: the service refuses every local path itself

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -119,3 +120,45 @@ def test_load_tokenizer_finds_the_checkpoint_in_a_registry_layout(tmp_path: Path
         assert torch.equal(via_mlflow.encode(x), expected)
     with pytest.raises(FileNotFoundError, match="tokenizer"):
         find_checkpoint(pyfunc / "artifacts" / "maskgit")
+
+
+def test_load_tokenizer_finds_a_registered_model_through_the_given_tracking_uri(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`models:/name@alias` with `tracking_uri=` works in a process with no MLflow configuration: MLflow
+    looks registered models up through its registry URI, which must follow the given tracking URI.
+    (A SQLite store needs no server; mlflow is imported through importlib, as vqmodels itself does.)"""
+    import importlib
+
+    mlflow = importlib.import_module("mlflow")
+    for var in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):  # unset now, restored afterwards
+        monkeypatch.setenv(var, "unset")
+        monkeypatch.delenv(var)
+    monkeypatch.setattr(importlib.import_module("mlflow.tracking._tracking_service.utils"), "_tracking_uri", None)
+    monkeypatch.setattr(importlib.import_module("mlflow.tracking._model_registry.utils"), "_registry_uri", None)
+    monkeypatch.chdir(tmp_path)  # MLflow's default store, should it be consulted, lands here
+
+    uri = f"sqlite:///{tmp_path / 'registry.db'}"
+    client = mlflow.MlflowClient(uri, registry_uri=uri)
+    experiment = client.create_experiment("t", artifact_location=(tmp_path / "artifacts").as_uri())
+    run_id = client.create_run(experiment).info.run_id
+    tok = trained_tokenizer()
+    tok.save(tmp_path / "model" / "artifacts" / "tokenizer", inference_only=True)
+    client.log_artifacts(run_id, str(tmp_path / "model"), "model")
+    client.create_registered_model("tok")
+    version = client.create_model_version("tok", f"runs:/{run_id}/model", run_id=run_id).version
+    client.set_registered_model_alias("tok", "prod", version)
+
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    with torch.no_grad():
+        loaded = load_tokenizer("models:/tok@prod", tracking_uri=uri)
+        assert torch.equal(loaded.encode(x), tok.encode(x))
+    # nothing leaks: a registry URI left behind would redirect this process's (and its children's)
+    # later registrations, e.g. a Ray head started afterwards hands it to every job
+    assert "MLFLOW_REGISTRY_URI" not in os.environ and mlflow.get_registry_uri() != uri
+
+    # a stale registry setting of the process does not win over the tracking_uri given here
+    monkeypatch.setenv("MLFLOW_REGISTRY_URI", f"sqlite:///{tmp_path / 'elsewhere.db'}")
+    with torch.no_grad():
+        assert torch.equal(load_tokenizer("models:/tok/1", tracking_uri=uri).encode(x), tok.encode(x))
+    assert os.environ["MLFLOW_REGISTRY_URI"] == f"sqlite:///{tmp_path / 'elsewhere.db'}"

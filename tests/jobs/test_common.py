@@ -1,0 +1,91 @@
+"""The jobs' helpers that need no Ray cluster: progress records."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+import torch
+
+from jobs.common import PROGRESS_PREFIX, Progress, Worker
+
+
+def test_progress_records_carry_their_time(capsys) -> None:
+    """The service computes a job's ETA from the step rate between records, so each carries `time`."""
+    progress = Progress(None, total=10, worker=Worker(0, 1, 0, torch.device("cpu")), interval=0.0)
+    before = time.time() - 0.001  # records round to milliseconds
+    progress.update(3, {"loss/total": 0.5}, images_per_s=12.0)
+    progress.update(10, {"loss/total": 0.4}, images_per_s=None)
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith(PROGRESS_PREFIX)]
+    records = [json.loads(line[len(PROGRESS_PREFIX) :]) for line in lines]
+    assert [r["step"] for r in records] == [3, 10]
+    assert before <= records[0]["time"] <= records[1]["time"] <= time.time() + 1
+
+
+def test_only_rank_zero_reports_progress(capsys) -> None:
+    Progress(None, total=10, worker=Worker(1, 2, 1, torch.device("cpu")), interval=0.0).update(10, {}, None)
+    assert PROGRESS_PREFIX not in capsys.readouterr().out
+
+
+def _cpu_worker() -> Worker:
+    return Worker(0, 1, 0, torch.device("cpu"))
+
+
+def test_loaders_keep_local_data_under_the_allowed_roots(tmp_path, monkeypatch) -> None:
+    """Under the service (`VQTRAIN_ALLOWED_ROOTS` set) every loader a job builds refuses local shards
+    outside the roots: images (both stages), token shards (maskgit) and the tokenize job's input."""
+    from types import SimpleNamespace
+
+    from jobs.common import JobEnv, image_loader
+    from jobs.data.storage import ALLOWED_ROOTS_ENV
+    from jobs.data.tokens import TokenShardWriter
+    from jobs.spec import parse_spec
+    from jobs.tokenize import encode_split
+    from jobs.train_maskgit import token_loader
+    from tests.jobs.data_helpers import write_shards
+
+    images, tokens = tmp_path / "images", tmp_path / "tokens"
+    write_shards(str(images), [4])
+    with TokenShardWriter(str(tokens), codebook_size=16) as w:
+        w.write_batch(torch.zeros(4, 4, 4, dtype=torch.long), [0, 1, 2, 3])
+    data = {"num_workers": 0, "image_size": 16}
+    optim = {"batch_size": 2}
+    tok_spec = parse_spec({"name": "t", "data": {"train": str(images), **data}, "optim": optim})
+    mg_spec = parse_spec({"kind": "maskgit", "name": "m", "tokenizer": "/tok", "optim": optim,
+                          "data": {"train": str(tokens), **data}})
+    tz_spec = parse_spec({"kind": "tokenize", "name": "z", "tokenizer": "/tok", "output": str(tmp_path / "out"),
+                          "optim": optim, "data": {"train": str(images), **data}})
+    tok = SimpleNamespace(config=SimpleNamespace(downsample=4, codebook_size=16))
+    worker = _cpu_worker()
+    env = JobEnv(tz_spec, worker, None, Progress(None, 1, worker), {}, "z")
+
+    monkeypatch.setenv(ALLOWED_ROOTS_ENV, json.dumps([str(tmp_path / "elsewhere")]))
+    for build in (
+        lambda: image_loader(tok_spec, worker, train=True),
+        lambda: token_loader(mg_spec, worker, train=True, tok=tok),
+        lambda: encode_split(env, tok, str(images), str(tmp_path / "out" / "train"), "train"),
+    ):
+        with pytest.raises(ValueError, match="outside the allowed data roots"):
+            build()
+    assert not (tmp_path / "out").exists()
+
+    monkeypatch.setenv(ALLOWED_ROOTS_ENV, json.dumps([str(tmp_path)]))
+    assert len(image_loader(tok_spec, worker, train=True)) >= 1
+    assert len(token_loader(mg_spec, worker, train=True, tok=tok)) >= 1
+
+
+def test_workers_get_the_drivers_allowed_roots(monkeypatch) -> None:
+    """The roots travel in the loop config too: workers of a cluster joined by hand lack the driver's env."""
+    from jobs.common import loop_config, open_job
+    from jobs.data.storage import ALLOWED_ROOTS_ENV, allowed_roots_from_env
+    from jobs.spec import parse_spec
+
+    spec = parse_spec({"name": "t", "data": {"train": "/data/train"}})
+    monkeypatch.setenv(ALLOWED_ROOTS_ENV, json.dumps(["/data"]))
+    config = loop_config(spec, run_id="", tracking_uri="", job_id="j", sink=None)
+    assert config["allowed_roots"] == ["/data"]
+    monkeypatch.delenv(ALLOWED_ROOTS_ENV)
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)  # open_job sizes torch for a worker
+    open_job(config)
+    assert allowed_roots_from_env() == ["/data"]
