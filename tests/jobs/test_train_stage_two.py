@@ -45,7 +45,7 @@ def tokenized(
     env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_url, "RAY_ADDRESS": ray.get_runtime_context().gcs_address,
            "VQTRAIN_HOME": str(tmp_path_factory.mktemp("vqtrain-home"))}  # Ray Train's run folder goes there
     p = subprocess.run([sys.executable, "-m", "jobs.run", "--spec-json", json.dumps(spec)], cwd=REPO, env=env,
-                       capture_output=True, text=True, timeout=300)
+                       capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
     lines = p.stdout.splitlines()
     results = [json.loads(line.split(" ", 1)[1]) for line in lines if line.startswith("VQTRAIN_RESULT ")]

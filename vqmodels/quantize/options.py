@@ -62,7 +62,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # rotation-trick gradients on top of the default recipe
     "rotation": {"estimator": "rotation", "kmeans_init": True, "affine": "running", "replace_every": 20},
     # SimVQ: frozen codebook through one learned linear layer
-    "simvq": {"codebook": "simvq"},
+    "simvq": {"codebook": "simvq", "kmeans_init": True, "replace_every": 20},
     # the paper's full recipe: learned affine, alternating optimisation, synchronised commitment, replacement
     "huh2023": {
         "affine": "learned",
