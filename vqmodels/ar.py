@@ -16,12 +16,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vqmodels.config import FromDict
 from vqmodels.layers import Transformer, init_weights
 from vqmodels.maskgit import MaskGITConfig, sample_tokens
 
 
 @dataclass
-class ARConfig:
+class ARConfig(FromDict):
     """Size of an `ARTransformer`; `ARConfig.matching(maskgit_config)` gives the benchmark's twin."""
 
     codebook_size: int = 1024
@@ -52,13 +53,6 @@ class ARConfig:
         """Same vocabulary, grid, width, depth, heads and MLP as the given MaskGIT."""
         shared = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in dataclasses.asdict(config).items() if k in shared})
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> ARConfig:
-        unknown = sorted(set(data) - {f.name for f in dataclasses.fields(cls)})
-        if unknown:
-            raise ValueError(f"unknown ARConfig field(s) {unknown}")
-        return cls(**data)
 
     @classmethod
     def debug(cls, **overrides: Any) -> ARConfig:

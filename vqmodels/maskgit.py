@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vqmodels.config import FromDict
 from vqmodels.layers import Transformer, init_weights
 
 Schedule = Literal["cosine", "linear", "square"]
@@ -58,7 +59,7 @@ def masked_cross_entropy(
 
 
 @dataclass
-class MaskGITConfig:
+class MaskGITConfig(FromDict):
     """Size and training settings of a `MaskGIT`; stored in every checkpoint."""
 
     codebook_size: int = 1024  # K of the tokenizer it models
@@ -94,13 +95,6 @@ class MaskGITConfig:
     @property
     def num_tokens(self) -> int:
         return self.grid_size[0] * self.grid_size[1]
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> MaskGITConfig:
-        unknown = sorted(set(data) - {f.name for f in dataclasses.fields(cls)})
-        if unknown:
-            raise ValueError(f"unknown MaskGITConfig field(s) {unknown}")
-        return cls(**data)
 
     @classmethod
     def debug(cls, **overrides: Any) -> MaskGITConfig:

@@ -16,6 +16,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
+from vqmodels.config import FromDict
 from vqmodels.layers import AttnBlock, Downsample, ResBlock, Upsample, group_norm
 from vqmodels.losses import (
     AdvLoss,
@@ -34,7 +35,7 @@ DEFAULT_MULT = {2: (1, 2), 4: (1, 2, 2), 8: (1, 1, 2, 4), 16: (1, 1, 2, 2, 4)}
 
 
 @dataclass
-class TokenizerConfig:
+class TokenizerConfig(FromDict):
     """Architecture, quantizer and loss settings of a `Tokenizer`; stored in every checkpoint."""
 
     in_channels: int = 3  # image channels
@@ -92,14 +93,6 @@ class TokenizerConfig:
             resolve_options(self.quantizer_preset, **self.quantizer)
         except (ValueError, TypeError) as e:
             raise ValueError(f"quantizer: {e}") from e
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> TokenizerConfig:
-        """Build from plain JSON data; unknown keys are an error naming them."""
-        unknown = sorted(set(data) - {f.name for f in dataclasses.fields(cls)})
-        if unknown:
-            raise ValueError(f"unknown TokenizerConfig field(s) {unknown}")
-        return cls(**data)
 
     @classmethod
     def debug(cls, **overrides: Any) -> TokenizerConfig:

@@ -162,3 +162,11 @@ def test_load_tokenizer_finds_a_registered_model_through_the_given_tracking_uri(
     with torch.no_grad():
         assert torch.equal(load_tokenizer("models:/tok/1", tracking_uri=uri).encode(x), tok.encode(x))
     assert os.environ["MLFLOW_REGISTRY_URI"] == f"sqlite:///{tmp_path / 'elsewhere.db'}"
+
+
+def test_every_model_config_names_unknown_keys():
+    from vqmodels import ARConfig, MaskGITConfig, TokenizerConfig
+
+    for cls in (TokenizerConfig, MaskGITConfig, ARConfig):
+        with pytest.raises(ValueError, match=rf"unknown {cls.__name__} field\(s\) \['bogus'\]"):
+            cls.from_dict({"bogus": 1})
