@@ -161,9 +161,10 @@ def classifier(x: np.ndarray, y: np.ndarray) -> nn.Module:
     return model.eval()
 
 
-def run(name: str, steps: int, batch: int, seed: int, overrides: dict | None = None) -> dict:
+def run(name: str, steps: int, batch: int, seed: int, overrides: dict | None = None, device: str = "cpu") -> dict:
     x, y = load_cifar()
-    judge = classifier(x, y)
+    dev = torch.device(device)
+    judge = classifier(x, y).to(dev)
     torch.manual_seed(seed)
     if overrides:  # variations of one of our presets, e.g. --set replace_every=10
         preset = OURS[name]().preset
@@ -171,31 +172,33 @@ def run(name: str, steps: int, batch: int, seed: int, overrides: dict | None = N
         name = f"{name}+" + ",".join(f"{k}={v}" for k, v in overrides.items())
     else:
         q = CONFIGS[name]()
-    enc, dec = Encoder(), Decoder()
+    enc, dec, q = Encoder().to(dev), Decoder().to(dev), q.to(dev)
     params = [*enc.parameters(), *dec.parameters(), *q.parameters()]
     opt = torch.optim.Adam([p for p in params if p.requires_grad], lr=3e-4)
     train = x[HELD_OUT:]
     rng = np.random.default_rng(seed)
     t0 = time.perf_counter()
     for _ in range(steps):
-        imgs = to_tensor(train[rng.integers(0, len(train), batch)])
+        imgs = to_tensor(train[rng.integers(0, len(train), batch)]).to(dev, non_blocking=True)
         zq, _, qloss = quantize(q, enc(imgs))
         loss = F.mse_loss(dec(zq), imgs) + qloss
         opt.zero_grad()
         loss.backward()
         opt.step()
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
     train_s = time.perf_counter() - t0
     enc.eval(), dec.eval(), q.eval()
-    counts = torch.zeros(1024)
+    counts = torch.zeros(1024, device=dev)
     se, correct_rec, correct_orig = 0.0, 0, 0
     with torch.no_grad():
         for i in range(0, HELD_OUT, 500):
-            imgs = to_tensor(x[i : i + 500])
+            imgs = to_tensor(x[i : i + 500]).to(dev)
             zq, idx, _ = quantize(q, enc(imgs))
             rec = dec(zq).clamp(-1, 1)
             se += ((rec - imgs) / 2).pow(2).mean((1, 2, 3)).clamp_min(1e-10).log10().mul(-10).sum().item()
             counts += torch.bincount(idx.flatten(), minlength=1024).float()
-            labels = torch.from_numpy(y[i : i + 500])
+            labels = torch.from_numpy(y[i : i + 500]).to(dev)
             correct_rec += (judge(rec).argmax(1) == labels).sum().item()
             correct_orig += (judge(imgs).argmax(1) == labels).sum().item()
     p = counts / counts.sum()
@@ -213,6 +216,7 @@ def run(name: str, steps: int, batch: int, seed: int, overrides: dict | None = N
         "batch": batch,
         "seed": seed,
         "threads": torch.get_num_threads(),
+        "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
     }
 
 
@@ -234,6 +238,7 @@ def main() -> None:
     ap.add_argument("--out", default="", help="append each result as a JSON line to this file")
     ap.add_argument("--set", action="append", default=[], help="option=value on top of an ours/ preset")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
     ap.add_argument("--list", action="store_true")
     args = ap.parse_args()
     if args.list:
@@ -245,7 +250,7 @@ def main() -> None:
     for name in args.configs.split(","):
         if name not in CONFIGS or (overrides and name not in OURS):
             raise SystemExit(f"--configs: unknown configuration {name!r} (--set needs an ours/ one); see --list")
-        result = run(name, args.steps, args.batch, args.seed, overrides)
+        result = run(name, args.steps, args.batch, args.seed, overrides, args.device)
         print(json.dumps(result), flush=True)
         if args.out:
             with open(args.out, "a") as f:

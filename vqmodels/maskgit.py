@@ -255,19 +255,21 @@ class MaskGIT(nn.Module):
             raise ValueError("labels: this MaskGIT is unconditional (num_classes = 0)")
         counts = decoding_schedule(c.num_tokens, steps, c.schedule)
         tokens = torch.full((n, c.num_tokens), self.mask_id, device=device, dtype=torch.long)
+        # the masked positions (n, m), kept sorted: every sample has the same number m of masked tokens, so
+        # they are tracked as indices (no nonzero(), which would wait for the GPU at every iteration)
+        positions = torch.arange(c.num_tokens, device=device).expand(n, -1)
         history: list[torch.Tensor] = []
         was_training = self.training
         self.eval()
         try:
             for t, left in enumerate(counts):
-                # every sample has the same number m of masked tokens: work on those (n, m) positions only
-                positions = (tokens == self.mask_id).nonzero()[:, 1].view(n, -1)
                 logits = self._guided_logits(tokens, label_ids, guidance, positions)
                 sampled = sample_tokens(logits, temperature, generator)
                 logp = logits.gather(-1, sampled[..., None])[..., 0] - logits.logsumexp(-1)  # log p(sampled)
                 noise = choice_temperature * (1.0 - (t + 1) / steps) * gumbel_noise(logp.shape, generator, device)
-                remask = (logp + noise).argsort(dim=1).argsort(dim=1) < left  # the `left` least confident
-                tokens = tokens.scatter(1, positions, torch.where(remask, self.mask_id, sampled))
+                still = (logp + noise).argsort(dim=1)[:, :left]  # the `left` least confident stay masked
+                tokens = tokens.scatter(1, positions, sampled.scatter(1, still, self.mask_id))
+                positions = positions.gather(1, still).sort(dim=1).values
                 if return_history:
                     history.append(tokens.view(n, *c.grid_size).clone())
         finally:

@@ -20,7 +20,10 @@ SCENARIOS = {
     "alternating": dict(
         kmeans_init=True, replace_every=7, affine="learned", affine_groups=2, alternating=True, sync_nu=0.2
     ),
-    "soft_em": dict(kmeans_init=True, replace_every=6, update="soft_em", soft_em_samples=4),
+    "soft_em": dict(
+        kmeans_init=True, replace_every=6, update="soft_em", soft_em_samples=4, replace_threshold=3,
+        replace_sampling="error",
+    ),
     "simvq_rotation": dict(codebook="simvq", kmeans_init=True, replace_every=5, estimator="rotation"),
 }
 EMPTY_STEPS = {1, 10, 20}  # rank 1 has no data: during k-means init, a plain step, a replacement step

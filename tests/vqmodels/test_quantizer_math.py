@@ -210,6 +210,59 @@ def test_dead_codes_replaced_and_counted():
     assert q(z).metrics["usage"] > 0.5
 
 
+def test_codebook_lr_multiplies_the_adam_step_of_the_codes():
+    torch.manual_seed(14)
+    z = torch.randn(64, 4)
+    moved = {}
+    for lr in (1.0, 10.0):
+        q = VectorQuantizer(4, 16, codebook_lr=lr)
+        q.codebook.set_all(torch.randn(16, 4, generator=torch.Generator().manual_seed(0)))
+        before = q.effective_codebook().detach().clone()
+        opt = torch.optim.Adam(q.parameters(), lr=1e-3)
+        q(z).loss.backward()
+        opt.step()
+        moved[lr] = (q.effective_codebook().detach() - before).abs().max()
+        # with lr != 1 the effective codebook is still what set_all wrote, decoding included
+        assert torch.allclose(q.codes_to_vectors(torch.arange(16)), q.effective_codebook())
+    assert torch.allclose(moved[10.0], 10 * moved[1.0], rtol=1e-3)
+    # the Gauss-Newton preconditioned alternating step is still exactly a Lloyd step
+    lloyd = VectorQuantizer(4, 16, codebook_lr=10.0, alternating=True, alternating_lr=1.0)
+    idx = lloyd(z).indices
+    for k in idx.unique():
+        assert torch.allclose(lloyd.effective_codebook()[k], z[idx == k].mean(0), atol=1e-5)
+    with pytest.raises(ValueError, match="codebook_lr"):
+        VectorQuantizer(4, 16, codebook_lr=10.0, update="ema")
+
+
+def test_replace_threshold_replaces_rarely_used_codes_too():
+    torch.manual_seed(12)
+    codes = torch.arange(8.0)[:, None].repeat(1, 2)  # codes on a line; inputs hit 0..5 often, 6 once, 7 never
+    z = torch.cat([codes[:6].repeat(20, 1), codes[6:7], codes[:6]]) + 0.01 * torch.randn(127, 2)
+    for threshold, expected in ((1, 1), (2, 2)):
+        q = VectorQuantizer(2, 8, replace_every=1, replace_threshold=threshold)
+        q.codebook.set_all(codes.clone())
+        out = q(z)
+        assert out.metrics["replaced"].item() == expected  # code 7 (unused); with 2, code 6 (used once) too
+        moved = (q.effective_codebook().detach() - codes).abs().sum(1) > 1e-6
+        assert moved[:6].sum() == 0
+
+
+def test_error_sampling_replaces_at_the_worst_fitted_inputs():
+    torch.manual_seed(13)
+    q = VectorQuantizer(2, 3, replace_every=1, replace_sampling="error", replace_noise=0.0)
+    codes = torch.tensor([[0.0, 0.0], [5.0, -5.0], [-50.0, -50.0]])
+    q.codebook.set_all(codes.clone())
+    # 98% of inputs sit on code 0 and 1% on code 1 (error ~0); 1% at (5, 5), far from every code
+    z = torch.cat([0.001 * torch.randn(980, 2), codes[1] + 0.001 * torch.randn(10, 2), torch.full((10, 2), 5.0)])
+    out = q(z)
+    assert out.metrics["replaced"].item() == 1  # code 2 was never nearest
+    assert torch.allclose(q.effective_codebook().detach()[2], torch.tensor([5.0, 5.0]), atol=1e-3)
+    uniform = VectorQuantizer(2, 3, replace_every=1, replace_noise=0.0)
+    uniform.codebook.set_all(codes.clone())
+    uniform(z)  # a uniform draw lands among the 98% near code 0 (seeded)
+    assert uniform.effective_codebook().detach()[2].abs().max() < 0.1
+
+
 def test_soft_em_low_temperature_is_hard_em_and_counts_are_soft():
     torch.manual_seed(11)
     q = VectorQuantizer(4, 8, update="soft_em", soft_em_samples=16, soft_em_temperature=1e-4)

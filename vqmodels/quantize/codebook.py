@@ -50,7 +50,8 @@ class Codebook(nn.Module):
         if self.opts.codebook == "simvq":
             return self.proj(self.frozen)
         if isinstance(self.weight, nn.Parameter):
-            return self.weight
+            # c = lr * w: Adam's step on w is scale-free, so this multiplies the codes' step by lr
+            return self.weight * self.opts.codebook_lr if self.opts.codebook_lr != 1.0 else self.weight
         # EMA rewrites this buffer in place after the forward; autograd must keep the old values
         return self.weight.clone()
 
@@ -98,6 +99,7 @@ class Codebook(nn.Module):
             out[id(self.proj.weight)] = (counts[:, None] * self.frozen.pow(2)).sum(0)[None, :]
         elif isinstance(self.weight, nn.Parameter):
             scale2 = ab[0].detach().pow(2)[:, None] if ab is not None else raw.new_ones(1, 1, 1)
+            scale2 = scale2 * self.opts.codebook_lr**2  # dc/dw = lr
             out[id(self.weight)] = (n * scale2).expand(self.groups, -1, self.dim).reshape(self.size, self.dim)
         if self.opts.affine == "learned":
             lr2 = self.opts.affine_lr**2
@@ -119,7 +121,7 @@ class Codebook(nn.Module):
             rows = raw @ torch.linalg.pinv(self.proj.weight.t())
             self.frozen.data[codes] = dist.broadcast_(rows.contiguous())
         else:
-            self.weight.data[codes] = raw
+            self.weight.data[codes] = raw / self.opts.codebook_lr
 
     @torch.no_grad()
     def set_all(self, vectors: torch.Tensor) -> None:

@@ -26,6 +26,7 @@ class QuantizerOptions:
     affine: Affine = "none"  # codebook used as scale*c + bias with shared parameters (Huh et al. 2023)
     affine_groups: int = 1  # codes split into this many groups, each with its own scale/bias
     affine_lr: float = 1.0  # learning-rate multiplier of the learned affine parameters
+    codebook_lr: float = 1.0  # learning-rate multiplier of gradient-trained codes (c = lr * w), also under Adam
     affine_momentum: float = 0.1  # EMA momentum of the running affine statistics
     sync_nu: float = 0.0  # synchronised commitment: codebook also gets nu * task gradient at z_q
     alternating: bool = False  # in-place codebook step on the commitment error before the task step
@@ -35,6 +36,8 @@ class QuantizerOptions:
     kmeans_samples: int = 16384  # at most this many vectors (across all ranks) feed the k-means init
     replace_every: int = 0  # steps; codes unused over the last window are replaced (0 = off)
     replace_noise: float = 0.01  # perturbation of replacement vectors, relative to the inputs' std
+    replace_threshold: int = 1  # codes used fewer times than this over the window (all ranks) count as dead
+    replace_sampling: Literal["uniform", "error"] = "uniform"  # "error": pick inputs with p ∝ |z - z_q|^2
     codebook: Codebook = "plain"  # "simvq": frozen random codebook through one learned linear layer
     update: Update = "gradient"  # "ema" (hard EM) or "soft_em" (Roy et al. 2018) update the codebook themselves
     ema_decay: float = 0.99  # decay of the EMA counts and sums
@@ -110,8 +113,15 @@ def validate(o: QuantizerOptions) -> None:
         raise ValueError(f"beta: must be in [0, 1], got {o.beta}")
     if o.sync_nu < 0:
         raise ValueError(f"sync_nu: must be >= 0, got {o.sync_nu}")
+    if o.codebook_lr <= 0:
+        raise ValueError(f"codebook_lr: must be > 0, got {o.codebook_lr}")
+    if o.codebook_lr != 1.0 and (o.update != "gradient" or o.codebook == "simvq"):
+        raise ValueError("codebook_lr: only gradient-trained plain codebooks have a learning rate (update='gradient', codebook='plain')")
     if o.affine_groups < 1:
         raise ValueError(f"affine_groups: must be >= 1, got {o.affine_groups}")
+    _choice("replace_sampling", o.replace_sampling, ("uniform", "error"))
+    if o.replace_threshold < 1:
+        raise ValueError(f"replace_threshold: must be >= 1 (1 = only unused codes), got {o.replace_threshold}")
     if o.replace_every < 0:
         raise ValueError(f"replace_every: must be >= 0 (0 = off), got {o.replace_every}")
     if not 0.0 < o.ema_decay < 1.0:

@@ -56,6 +56,9 @@ class VectorQuantizer(nn.Module):
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
         self.register_buffer("initialised", torch.tensor(not o.kmeans_init))
         self.register_buffer("last_used", torch.full((codebook_size,), NEVER, dtype=torch.long))
+        # uses per code since the last replacement on this rank (summed over ranks when replacing);
+        # not persistent: a resumed run starts a fresh window
+        self.register_buffer("window_count", torch.zeros(codebook_size), persistent=False)
         self.register_buffer("replaced_total", torch.zeros((), dtype=torch.long))
         if o.update in ("ema", "soft_em"):
             self.register_buffer("ema_count", torch.ones(codebook_size))
@@ -234,14 +237,23 @@ class VectorQuantizer(nn.Module):
     @torch.no_grad()
     def _track_usage(self, counts: torch.Tensor) -> None:
         self.last_used[counts > 0] = self.step
+        if self.options.replace_threshold > 1:
+            self.window_count += counts
 
     @torch.no_grad()
     def _replace_dead(self, z: torch.Tensor) -> torch.Tensor:
-        """Replace codes unused over the last `replace_every` steps (usage reduced over ranks) by
-        perturbed recent inputs, chosen once on rank 0 and broadcast."""
+        """Replace codes unused over the last `replace_every` steps (or used fewer than
+        `replace_threshold` times; usage reduced over ranks) by perturbed recent inputs, chosen once
+        on rank 0 and broadcast. With replace_sampling="error" inputs are drawn with probability
+        proportional to their quantisation error (k-means++'s D² rule), so new codes go where the
+        codebook fits the data worst."""
         o = self.options
         dist.all_reduce_(self.last_used, op="max")
         dead = (self.step - self.last_used) >= o.replace_every
+        if o.replace_threshold > 1:
+            dist.all_reduce_(self.window_count)
+            dead |= self.window_count < o.replace_threshold
+            self.window_count.zero_()
         n_dead = int(dead.sum())
         if n_dead == 0:  # last_used is global now: every rank takes this branch together
             return torch.zeros((), dtype=torch.long, device=z.device)
@@ -250,7 +262,13 @@ class VectorQuantizer(nn.Module):
             return torch.zeros((), dtype=torch.long, device=z.device)
         targets = torch.empty(n_dead, self.dim, device=z.device)
         if dist.rank() == 0:
-            pick = torch.randint(pool.shape[0], (n_dead,), device=z.device)
+            if o.replace_sampling == "error":
+                codebook = self.effective_codebook()
+                p = F.normalize(pool, dim=-1) if o.distance == "cosine" else pool
+                err = (p - codebook[nearest(p, codebook, o.chunk_size)]).pow(2).sum(1)
+                pick = torch.multinomial(err + 1e-12, n_dead, replacement=True)
+            else:
+                pick = torch.randint(pool.shape[0], (n_dead,), device=z.device)
             std = pool.std(0, unbiased=False) if pool.shape[0] > 1 else pool.new_ones(self.dim)
             targets = pool[pick] + o.replace_noise * std * torch.randn_like(pool[pick])
         dist.broadcast_(targets)
