@@ -11,7 +11,7 @@ preset "default") at batch 64 with one torch thread, for `--steps` steady steps 
   steady-state figure (step end to step end, data loading and logging included; eval/checkpoints excluded).
 - plain: the same model, optimiser and loss in a bare loop over images already decoded into one tensor.
 - sync share: a 2-worker job; the time inside the quantizer's collectives (`vqmodels.quantize.dist`,
-  timed by `jobs.common.SyncClock`) over the step time.
+  timed by `jobs.progress.SyncClock`) over the step time.
 The machine is shared, so the plain loop runs before and after the job and the job is compared with their
 mean; rates per CPU second of the training process are reported too (they swing less with load).
 """

@@ -86,7 +86,8 @@ def run_job(
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from jobs import tracking
-    from jobs.common import ProgressPrinter, ProgressSink, checkpoint_storage, loop_config
+    from jobs.common import checkpoint_storage, loop_config
+    from jobs.progress import ProgressPrinter, ProgressSink
 
     preflight(spec)
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # stdout carries progress lines

@@ -15,7 +15,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from jobs.common import JobEnv, Progress, is_distributed, open_job
+from jobs.common import JobEnv, is_distributed, open_job
+from jobs.progress import Progress
 from jobs.tracking import OUTPUT_TAG
 
 TOKENS_PER_SHARD = 10000

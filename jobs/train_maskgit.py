@@ -8,7 +8,6 @@ Rank 0 logs sample grids (MaskGIT decoding, then the tokenizer's decoder) and re
 
 from __future__ import annotations
 
-import json
 import math
 import tempfile
 from pathlib import Path
@@ -22,7 +21,6 @@ from jobs.build import maskgit_config
 from jobs.common import (
     JobEnv,
     Precision,
-    Throughput,
     TrainBatches,
     Worker,
     all_reduce_sum,
@@ -36,6 +34,7 @@ from jobs.common import (
     set_lr,
     wrap_ddp,
 )
+from jobs.progress import Throughput, log_eval, log_train_step
 from jobs.spec import SpecError
 
 SAMPLES = 8
@@ -90,22 +89,14 @@ def train_loop(config: dict[str, Any]) -> None:
 
         if worker.is_main:
             metrics = {"loss/total": float(out.loss.detach()), **{f"train/{k}": float(v) for k, v in out.metrics.items()}}
-            metrics["train/lr"] = opt.param_groups[0]["lr"]
-            metrics["train/grad_norm"] = grad_norm
-            metrics["train/skipped_samples"] = float(batches.skipped)
-            if rate.rate() is not None:
-                metrics["train/images_per_s"] = rate.rate()
-            env.run.log_metrics(metrics, step)
-            env.progress.update(step, metrics, rate.rate())
+            log_train_step(env, step, metrics, opt, grad_norm, batches, rate)
 
         t = spec.tracking
         last = step == o.steps
         if (t.eval_every and step % t.eval_every == 0) or last:
             result = evaluate(net, spec, worker, tok)
             if worker.is_main and result:
-                env.run.log_metrics(result, step)
-                if last:
-                    env.run.log_text(json.dumps({"step": step, **result}, indent=2), "eval/final.json")
+                log_eval(env, step, result, last)
             rate.pause()
         if worker.is_main and ((t.image_every and step % t.image_every == 0) or last):
             _log_samples(env, net, tok, step)

@@ -8,7 +8,6 @@ resumes at the same step with the same model, optimiser, quantizer buffers and R
 
 from __future__ import annotations
 
-import json
 import math
 import tempfile
 from pathlib import Path
@@ -22,8 +21,6 @@ from jobs.build import tokenizer_config
 from jobs.common import (
     JobEnv,
     Precision,
-    SyncClock,
-    Throughput,
     all_reduce_sum,
     average_gradients,
     eval_batches,
@@ -37,6 +34,7 @@ from jobs.common import (
     train_batches,
     wrap_ddp,
 )
+from jobs.progress import SyncClock, Throughput, log_eval, log_train_step
 
 PREVIEW_IMAGES = 8
 PROJECTION_VECTORS = 4096
@@ -122,24 +120,15 @@ def train_loop(config: dict[str, Any]) -> None:
             metrics["train/psnr"] = float(out.metrics["psnr"])
             if "adv_weight" in out.metrics:
                 metrics["train/adv_weight"] = float(out.metrics["adv_weight"])
-            metrics["train/lr"] = opt.param_groups[0]["lr"]
-            metrics["train/grad_norm"] = grad_norm
-            metrics["train/skipped_samples"] = float(batches.skipped)
-            if rate.rate() is not None:
-                metrics["train/images_per_s"] = rate.rate()
-                metrics["train/codebook_sync_share"] = rate.sync_share()
-            env.run.log_metrics(metrics, step)
-            env.progress.update(step, metrics, rate.rate())
+            log_train_step(env, step, metrics, opt, grad_norm, batches, rate, codebook_sync=True)
 
         t = spec.tracking
         last = step == o.steps
         if (t.eval_every and step % t.eval_every == 0) or last:
             result = evaluate(tok, spec, worker, preview)
             if worker.is_main and result is not None:
-                env.run.log_metrics(result.metrics, step)
+                log_eval(env, step, result.metrics, last)
                 _log_codebook_figures(env, tok, result, step)
-                if last:
-                    env.run.log_text(json.dumps({"step": step, **result.metrics}, indent=2), "eval/final.json")
             rate.pause()
         if worker.is_main and ((t.image_every and step % t.image_every == 0) or last):
             _log_reconstructions(env, tok, preview, step)

@@ -1,0 +1,68 @@
+"""Progress records and per-step logging (jobs.progress), without a Ray cluster."""
+
+from __future__ import annotations
+
+import json
+import time
+from types import SimpleNamespace
+
+import torch
+
+from jobs.common import Worker
+from jobs.progress import PROGRESS_PREFIX, Progress, Throughput, log_eval, log_train_step
+
+
+def test_progress_records_carry_their_time(capsys) -> None:
+    """The service computes a job's ETA from the step rate between records, so each carries `time`."""
+    progress = Progress(None, total=10, worker=Worker(0, 1, 0, torch.device("cpu")), interval=0.0)
+    before = time.time() - 0.001  # records round to milliseconds
+    progress.update(3, {"loss/total": 0.5}, images_per_s=12.0)
+    progress.update(10, {"loss/total": 0.4}, images_per_s=None)
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith(PROGRESS_PREFIX)]
+    records = [json.loads(line[len(PROGRESS_PREFIX) :]) for line in lines]
+    assert [r["step"] for r in records] == [3, 10]
+    assert before <= records[0]["time"] <= records[1]["time"] <= time.time() + 1
+
+
+def test_only_rank_zero_reports_progress(capsys) -> None:
+    Progress(None, total=10, worker=Worker(1, 2, 1, torch.device("cpu")), interval=0.0).update(10, {}, None)
+    assert PROGRESS_PREFIX not in capsys.readouterr().out
+
+
+class _Run:
+    """Records what a loop hands to MLflow (the real RunLogger is exercised by the job integration tests)."""
+
+    def __init__(self) -> None:
+        self.metrics: list[tuple[dict, int]] = []
+        self.texts: dict[str, str] = {}
+
+    def log_metrics(self, metrics: dict, step: int) -> None:
+        self.metrics.append((dict(metrics), step))
+
+    def log_text(self, text: str, name: str) -> None:
+        self.texts[name] = text
+
+
+def test_every_loop_logs_the_same_step_metrics(capsys) -> None:
+    worker = Worker(0, 1, 0, torch.device("cpu"))
+    env = SimpleNamespace(run=_Run(), progress=Progress(None, total=5, worker=worker, interval=0.0))
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.25)
+    rate = Throughput()
+    for _ in range(3):
+        rate.tick(8)
+    for sync in (False, True):
+        log_train_step(env, 5, {"loss/total": 1.0}, opt, 0.5, SimpleNamespace(skipped=2), rate, codebook_sync=sync)
+    (plain, _), (with_sync, step) = env.run.metrics
+    assert step == 5 and plain["train/lr"] == 0.25 and plain["train/grad_norm"] == 0.5
+    assert plain["train/skipped_samples"] == 2.0 and plain["train/images_per_s"] > 0
+    assert "train/codebook_sync_share" not in plain and "train/codebook_sync_share" in with_sync
+    assert PROGRESS_PREFIX in capsys.readouterr().out  # rank 0's progress bar got the step too
+
+
+def test_only_the_last_evaluation_is_kept_as_final_json() -> None:
+    env = SimpleNamespace(run=_Run())
+    log_eval(env, 10, {"eval/psnr": 20.0}, last=False)
+    assert env.run.texts == {}
+    log_eval(env, 20, {"eval/psnr": 21.0}, last=True)
+    assert json.loads(env.run.texts["eval/final.json"]) == {"step": 20, "eval/psnr": 21.0}
+    assert [s for _, s in env.run.metrics] == [10, 20]
