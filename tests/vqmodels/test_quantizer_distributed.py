@@ -18,7 +18,8 @@ SCENARIOS = {
     "ema_running_affine": dict(kmeans_init=True, replace_every=5, update="ema", affine="running"),
     # gradient-trained codebook under DDP, with every in-place writer enabled
     "alternating": dict(
-        kmeans_init=True, replace_every=7, affine="learned", affine_groups=2, alternating=True, sync_nu=0.2
+        kmeans_init=True, replace_every=7, affine="learned", affine_groups=2, alternating=True, sync_nu=0.2,
+        codebook_lr=3.0,
     ),
     "soft_em": dict(
         kmeans_init=True, replace_every=6, update="soft_em", soft_em_samples=4, replace_threshold=3,
