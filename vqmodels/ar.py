@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vqmodels.config import FromDict
+from vqmodels.config import FromDict, SavesConfig
 from vqmodels.layers import Transformer, init_weights
 from vqmodels.maskgit import MaskGITConfig, sample_tokens
 
@@ -65,7 +64,7 @@ class AROutput(NamedTuple):
     metrics: dict[str, torch.Tensor]
 
 
-class ARTransformer(nn.Module):
+class ARTransformer(SavesConfig, nn.Module):
     """GPT-style raster-order model over token grids (VQGAN's stage two, without its sliding window)."""
 
     def __init__(self, config: ARConfig):
@@ -153,13 +152,3 @@ class ARTransformer(nn.Module):
         finally:
             self.train(was_training)
         return out.view(n, *c.grid_size)
-
-    def config_dict(self) -> dict[str, Any]:
-        data = dataclasses.asdict(self.config)
-        data["grid_size"] = list(self.config.grid_size)
-        return data
-
-    def save(self, directory: str | Path) -> Path:
-        from vqmodels.checkpoint import save
-
-        return save(self, directory)

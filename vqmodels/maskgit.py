@@ -8,17 +8,15 @@ sample (r ~ U(0, 1)) and scores masked positions only; `generate` is MaskGIT's i
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vqmodels.config import FromDict
+from vqmodels.config import FromDict, SavesConfig
 from vqmodels.layers import Transformer, init_weights
 
 Schedule = Literal["cosine", "linear", "square"]
@@ -110,7 +108,7 @@ class MaskGITOutput(NamedTuple):
     metrics: dict[str, torch.Tensor]  # "accuracy" (on masked positions), "mask_ratio"
 
 
-class MaskGIT(nn.Module):
+class MaskGIT(SavesConfig, nn.Module):
     """Bidirectional transformer over the flattened token grid (raster order)."""
 
     def __init__(self, config: MaskGITConfig):
@@ -276,18 +274,6 @@ class MaskGIT(nn.Module):
             self.train(was_training)
         out = tokens.view(n, *c.grid_size)
         return (out, history) if return_history else out
-
-    # -- persistence ----------------------------------------------------------------------------------
-    def config_dict(self) -> dict[str, Any]:
-        data = dataclasses.asdict(self.config)
-        data["grid_size"] = list(self.config.grid_size)
-        return data
-
-    def save(self, directory: str | Path) -> Path:
-        """Write weights + config.json to `directory` (see `vqmodels.checkpoint.save`)."""
-        from vqmodels.checkpoint import save
-
-        return save(self, directory)
 
 
 def gumbel_noise(shape: torch.Size | tuple[int, ...], generator: torch.Generator | None, device: torch.device) -> torch.Tensor:

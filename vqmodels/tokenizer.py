@@ -10,13 +10,12 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
 from torch import nn
 
-from vqmodels.config import FromDict
+from vqmodels.config import FromDict, SavesConfig
 from vqmodels.layers import AttnBlock, Downsample, ResBlock, Upsample, group_norm
 from vqmodels.losses import (
     AdvLoss,
@@ -161,7 +160,7 @@ class Decoder(nn.Module):
         return self.conv_out(nn.functional.silu(self.norm_out(self.blocks(self.conv_in(z)))))
 
 
-class Tokenizer(nn.Module):
+class Tokenizer(SavesConfig, nn.Module):
     """Image ↔ token-grid autoencoder. Images are float in [-1, 1], channels first.
 
     `discriminator` overrides whether the patch discriminator is built (default: when adv_weight > 0);
@@ -280,14 +279,9 @@ class Tokenizer(nn.Module):
     # -- persistence ----------------------------------------------------------------------------------
     def config_dict(self) -> dict[str, Any]:
         """JSON-able config with the quantizer options fully resolved (no dependence on preset contents)."""
-        data = dataclasses.asdict(self.config)
+        data = super().config_dict()
         data["channel_mult"] = list(self.config.channel_mult or ())
         data["quantizer_preset"] = None
         data["quantizer"] = dataclasses.asdict(self.quantizer.options)
         return data
 
-    def save(self, directory: str | Path, *, inference_only: bool = False) -> Path:
-        """Write weights + config.json to `directory` (see `vqmodels.checkpoint.save`)."""
-        from vqmodels.checkpoint import save
-
-        return save(self, directory, inference_only=inference_only)
