@@ -289,6 +289,17 @@ def save_checkpoint(step: int, state: dict[str, Any] | None, worker: Worker, met
         ray.train.report({**metrics, "step": step}, checkpoint=checkpoint)
 
 
+def maybe_checkpoint(env: JobEnv, step: int, last: bool, state: Callable[[], dict[str, Any]], rate: Any) -> None:
+    """Every `checkpoint.every` steps and at the last: rank 0 flushes MLflow and saves `state()`, every rank
+    reports (a barrier). `rate` (a `jobs.progress.Throughput`) is paused so the checkpoint's time is not
+    counted as training."""
+    if step % env.spec.checkpoint.every == 0 or last:
+        if env.worker.is_main:
+            env.run.flush()
+        save_checkpoint(step, state() if env.worker.is_main else None, env.worker, rate.summary())
+        rate.pause()
+
+
 def load_checkpoint(worker: Worker) -> dict[str, Any] | None:
     """The latest checkpoint's state (and this rank's RNG streams restored), or None on a fresh start."""
     checkpoint = ray.train.get_checkpoint()

@@ -27,9 +27,9 @@ from jobs.common import (
     image_loader,
     load_checkpoint,
     lr_factor,
+    maybe_checkpoint,
     maybe_kill,
     open_job,
-    save_checkpoint,
     seed_everything,
     set_lr,
     wrap_ddp,
@@ -73,6 +73,10 @@ def train_loop(config: dict[str, Any]) -> None:
         if env.run is not None:
             env.run.log_metrics({"train/resumed_from": step}, step)
 
+    def checkpoint_state() -> dict[str, Any]:
+        return {"model": net.state_dict(), "optimizer": opt.state_dict(), "scaler": prec.scaler.state_dict(),
+                "config": net.config_dict()}
+
     batches = TrainBatches(token_loader(spec, worker, train=True, tok=tok), start_step=step)
     to_tokens = _tokenise(tok, worker)
     rate = Throughput(worker.world_size)
@@ -101,13 +105,7 @@ def train_loop(config: dict[str, Any]) -> None:
         if worker.is_main and ((t.image_every and step % t.image_every == 0) or last):
             _log_samples(env, net, tok, step)
             rate.pause()
-        if step % spec.checkpoint.every == 0 or last:
-            if worker.is_main:
-                env.run.flush()
-            state = {"model": net.state_dict(), "optimizer": opt.state_dict(), "scaler": prec.scaler.state_dict(),
-                     "config": net.config_dict()} if worker.is_main else None
-            save_checkpoint(step, state, worker, rate.summary())
-            rate.pause()
+        maybe_checkpoint(env, step, last, checkpoint_state, rate)
 
     result: dict[str, Any] = rate.summary()
     if worker.is_main:

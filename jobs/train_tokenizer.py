@@ -26,9 +26,9 @@ from jobs.common import (
     eval_batches,
     load_checkpoint,
     lr_factor,
+    maybe_checkpoint,
     maybe_kill,
     open_job,
-    save_checkpoint,
     seed_everything,
     set_lr,
     train_batches,
@@ -133,11 +133,7 @@ def train_loop(config: dict[str, Any]) -> None:
         if worker.is_main and ((t.image_every and step % t.image_every == 0) or last):
             _log_reconstructions(env, tok, preview, step)
             rate.pause()
-        if step % spec.checkpoint.every == 0 or last:
-            if worker.is_main:
-                env.run.flush()
-            save_checkpoint(step, checkpoint_state() if worker.is_main else None, worker, rate.summary())
-            rate.pause()
+        maybe_checkpoint(env, step, last, checkpoint_state, rate)
 
     finish(env, tok, rate)
 
