@@ -40,8 +40,26 @@ def _work(job: tuple[str, dict, int, int, str]) -> dict:
     return {**result, "overrides": overrides}
 
 
+def read_jobs(path: Path) -> list[tuple[str, dict]]:
+    """The job file's `[configuration, overrides]` lines, checked before any run starts (errors name the line)."""
+    from bench.vq_quality import CONFIGS, OURS
+
+    jobs = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            name, overrides = json.loads(line)
+        except (json.JSONDecodeError, ValueError, TypeError):
+            raise SystemExit(f"{path}:{number}: expected [configuration, {{overrides}}], got {line!r}") from None
+        if name not in CONFIGS or not isinstance(overrides, dict) or (overrides and name not in OURS):
+            raise SystemExit(f"{path}:{number}: unknown configuration {name!r} or overrides on a non-ours/ one")
+        jobs.append((name, overrides))
+    return jobs
+
+
 def sweep(jobs_file: Path, seeds: list[int], steps: int, device: str, workers: int, out: Path | None) -> None:
-    lines = [json.loads(line) for line in jobs_file.read_text().splitlines() if line.strip()]
+    lines = read_jobs(jobs_file)
     # seed-major order: an interrupted sweep still has every configuration at the first seeds
     jobs = [(name, overrides, seed, steps, device) for seed in seeds for name, overrides in lines]
     t0 = time.time()

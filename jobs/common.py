@@ -24,7 +24,7 @@ import ray
 import torch
 import torch.distributed as dist
 
-from jobs.progress import Progress
+from jobs.progress import Progress, Throughput
 
 RESULT_PREFIX = "VQTRAIN_RESULT "
 STATE_FILE = "state.pt"
@@ -289,9 +289,11 @@ def save_checkpoint(step: int, state: dict[str, Any] | None, worker: Worker, met
         ray.train.report({**metrics, "step": step}, checkpoint=checkpoint)
 
 
-def maybe_checkpoint(env: JobEnv, step: int, last: bool, state: Callable[[], dict[str, Any]], rate: Any) -> None:
+def maybe_checkpoint(
+    env: JobEnv, step: int, last: bool, state: Callable[[], dict[str, Any]], rate: Throughput
+) -> None:
     """Every `checkpoint.every` steps and at the last: rank 0 flushes MLflow and saves `state()`, every rank
-    reports (a barrier). `rate` (a `jobs.progress.Throughput`) is paused so the checkpoint's time is not
+    reports (a barrier). `rate` is paused so the checkpoint's time is not
     counted as training."""
     if step % env.spec.checkpoint.every == 0 or last:
         if env.worker.is_main:
