@@ -50,17 +50,24 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--batch", type=int, nargs="+", default=[1, 8, 32])
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="weights and activations of both models (bfloat16 is the usual GPU inference setting)")
+    p.add_argument("--tf32", action="store_true", help="allow TF32 matmuls on CUDA (both models)")
     p.add_argument("--out", type=Path)
     a = p.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
     device = torch.device(a.device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    dtype = getattr(torch, a.dtype)
+    if a.tf32:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     torch.manual_seed(0)
     cfg = MaskGITConfig(codebook_size=a.codebook, grid_size=(a.grid, a.grid), dim=a.dim, depth=a.depth,
                         heads=a.heads, dropout=0.0)
-    maskgit = MaskGIT(cfg).to(device).eval()
-    ar = ARTransformer(ARConfig.matching(cfg)).to(device).eval()
+    # the same weights for both decoders' transformers would not change their speed; same sizes and dtype do
+    maskgit = MaskGIT(cfg).to(device, dtype).eval()
+    ar = ARTransformer(ARConfig.matching(cfg)).to(device, dtype).eval()
     tokens = cfg.num_tokens
     ideal = tokens / a.steps
     rows = []
@@ -91,7 +98,7 @@ def main() -> None:
         "machine": platform.processor() or platform.machine(),
         "torch": torch.__version__,
         "config": {"tokens": tokens, "steps": a.steps, "codebook": a.codebook, "dim": a.dim, "depth": a.depth,
-                   "heads": a.heads, "params_M": sum(q.numel() for q in maskgit.parameters()) / 1e6},
+                   "heads": a.heads, "dtype": a.dtype, "tf32": a.tf32, "params_M": sum(q.numel() for q in maskgit.parameters()) / 1e6},
         "ideal_speedup": ideal,
         "results": rows,
     }

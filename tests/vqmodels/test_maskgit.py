@@ -191,6 +191,19 @@ def test_ar_baseline_matches_maskgit_size_and_its_kv_cache_is_exact() -> None:
     assert sampled.shape == (3, 8, 8)
 
 
+def test_both_decoders_run_in_bfloat16() -> None:
+    """The sampling benchmark's low-precision setting: weights and activations bf16, sampling in fp32."""
+    cfg = MaskGITConfig.debug(num_classes=3)
+    torch.manual_seed(0)
+    mg, ar = MaskGIT(cfg).to(torch.bfloat16), ARTransformer(ARConfig.matching(cfg)).to(torch.bfloat16)
+    out, history = mg.generate(2, steps=4, labels=1, guidance=1.0, return_history=True,
+                               generator=torch.Generator().manual_seed(0))
+    assert [int((h == mg.mask_id).sum()) // 2 for h in history] == decoding_schedule(N, 4, "cosine")
+    assert out.dtype == torch.long and 0 <= int(out.min()) and int(out.max()) < K
+    tokens = ar.generate(2, temperature=0.0, labels=1)
+    assert tokens.shape == (2, 8, 8) and int(tokens.max()) < K
+
+
 def test_sample_tokens_draws_from_the_tempered_softmax() -> None:
     from vqmodels.maskgit import sample_tokens
 
