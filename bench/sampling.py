@@ -38,6 +38,23 @@ def timed(fn, repeats: int, sync) -> tuple[float, float]:
     return wall, cpu
 
 
+def profile(fn, sync, device: torch.device) -> dict:
+    """One call of fn() under torch.profiler: top-level operators dispatched and, on CUDA, kernels launched
+    and their summed GPU time. Kernel time well below the timed wall time means decoding is bound by launches,
+not arithmetic."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with torch_profile(activities=activities) as prof:
+        fn()
+        sync()
+    events = prof.events()
+    ops = [e for e in events if e.name.startswith("aten::") and e.cpu_parent is None]
+    kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
+    return {"ops": len(ops), "kernels": len(kernels), "kernel_ms": sum(e.device_time for e in kernels) / 1e3}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu")
@@ -53,6 +70,7 @@ def main() -> None:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="weights and activations of both models (bfloat16 is the usual GPU inference setting)")
     p.add_argument("--tf32", action="store_true", help="allow TF32 matmuls on CUDA (both models)")
+    p.add_argument("--profile", action="store_true", help="also profile one call per batch size (ops, kernels)")
     p.add_argument("--out", type=Path)
     a = p.parse_args()
     if a.threads:
@@ -76,6 +94,11 @@ def main() -> None:
             (t_mg, c_mg), (t_ar, c_ar) = (timed(f, a.repeats, sync) for f in (
                 lambda b=b: maskgit.generate(b, steps=a.steps), lambda b=b: ar.generate(b)))
             speedup = t_ar / t_mg
+            extra = {}
+            if a.profile:
+                extra = {"profile_maskgit": profile(lambda b=b: maskgit.generate(b, steps=a.steps), sync, device),
+                         "profile_ar": profile(lambda b=b: ar.generate(b), sync, device)}
+                print(f"  profile: MaskGIT {extra['profile_maskgit']}  AR {extra['profile_ar']}", flush=True)
             rows.append({
                 "batch": b,
                 "maskgit_images_per_s": b / t_mg,
@@ -88,6 +111,7 @@ def main() -> None:
                 "speedup_cpu_time": c_ar / c_mg,
                 "target": 0.8 * ideal,
                 "meets_target": speedup >= 0.8 * ideal,
+                **extra,
             })
             print(f"batch {b:3d}: MaskGIT {b / t_mg:8.2f} img/s  AR {b / t_ar:8.2f} img/s  "
                   f"speed-up {speedup:5.1f}x (by CPU time {c_ar / c_mg:5.1f}x; ideal {ideal:.0f}x, "
