@@ -327,8 +327,12 @@ def checkpoint_storage(storage: str | None, storage_options: dict[str, Any]) -> 
     import fsspec
     import pyarrow.fs
 
+    from jobs.data.storage import fs_options
+
     protocol, path = storage.split("://", 1)
-    fs = fsspec.filesystem(protocol, **(storage_options or {}))
+    protocol = {"s3a": "s3", "gcs": "gs"}.get(protocol.lower(), protocol.lower())
+    # the same option handling as shard reading: AWS-style key names, region, endpoint, {"s3": {...}}
+    fs = fsspec.filesystem(protocol, **fs_options(storage, storage_options))
     return path.rstrip("/"), pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs))
 
 

@@ -319,6 +319,9 @@ def check_allowed_roots(spec: JobSpec, roots: Iterable[str | Path], base: str | 
     base_dir = Path(base or Path.cwd())
     errors = []
     for loc, path in local_paths(spec):
+        if ".." in Path(path).parts:  # a '..' after a pattern character would escape the prefix check
+            errors.append({"loc": loc, "msg": f"local path {path!r} must not contain '..'"})
+            continue
         p = _static_prefix(path).expanduser()
         p = (p if p.is_absolute() else base_dir / p).resolve()
         if not any(p == r or r in p.parents for r in resolved_roots):

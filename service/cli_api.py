@@ -21,6 +21,7 @@ from service import embedded
 from service.cli_progress import ProgressBar
 
 TERMINAL = ("succeeded", "failed", "cancelled")
+RETRY_PAUSE = 2.0  # seconds between retries of a request with `retry_for`
 
 
 @dataclass
@@ -56,17 +57,28 @@ def _api() -> Api:
     return api
 
 
-def request(method: str, path: str, api: Api | None = None, **kwargs: Any) -> Any:
-    """One API call; HTTP errors become a clear message and exit code 1 (2 for an invalid spec)."""
+def request(method: str, path: str, api: Api | None = None, retry_for: float = 0.0, **kwargs: Any) -> Any:
+    """One API call; HTTP errors become a clear message and exit code 1 (2 for an invalid spec).
+
+    `retry_for` seconds: keep retrying while the service is unreachable or answers 502/503/504 (a restarting
+    service or Ray head must not end a `--follow` that has been watching a job for hours).
+    """
     api = api or _api()
-    headers = {"Authorization": f"Bearer {api.token}"} if api.token else {}
-    try:
-        r = httpx.request(
-            method, api.url + path, headers=headers | kwargs.pop("headers", {}), timeout=60, **kwargs
-        )
-    except httpx.HTTPError as e:
-        typer.echo(f"error: cannot reach {api.url}: {e}", err=True)
-        raise typer.Exit(1) from None
+    headers = ({"Authorization": f"Bearer {api.token}"} if api.token else {}) | kwargs.pop("headers", {})
+    deadline = time.monotonic() + retry_for
+    while True:
+        try:
+            r = httpx.request(method, api.url + path, headers=headers, timeout=60, **kwargs)
+        except httpx.TransportError as e:
+            if time.monotonic() < deadline:
+                time.sleep(RETRY_PAUSE)
+                continue
+            typer.echo(f"error: cannot reach {api.url}: {e}", err=True)
+            raise typer.Exit(1) from None
+        if r.status_code in (502, 503, 504) and time.monotonic() < deadline:
+            time.sleep(RETRY_PAUSE)
+            continue
+        break
     try:
         body = r.json()
     except ValueError:

@@ -72,3 +72,22 @@ def test_workers_get_the_drivers_allowed_roots(monkeypatch) -> None:
     monkeypatch.setattr(torch, "set_num_threads", lambda n: None)  # open_job sizes torch for a worker
     open_job(config)
     assert allowed_roots_from_env() == ["/data"]
+
+
+def test_s3_checkpoint_storage_takes_the_same_options_as_shard_reading(s3_server, s3_bucket) -> None:
+    """AWS-style key names and the per-scheme form (`{"s3": {...}}`) reach the checkpoint filesystem, as they
+    reach the shard reader: checkpoints land on the configured endpoint, not on some default store."""
+    import pyarrow.fs
+
+    from jobs.common import checkpoint_storage
+    from tests import servers
+
+    flat = {"endpoint_url": s3_server, "aws_access_key_id": servers.S3_KEY, "aws_secret_access_key": servers.S3_SECRET}
+    for options in (flat, {"s3": flat}):
+        path, fs = checkpoint_storage(f"{s3_bucket}/ckpt", options)
+        assert path == f"{s3_bucket.removeprefix('s3://')}/ckpt"
+        with fs.open_output_stream(f"{path}/probe.txt") as f:
+            f.write(b"ok")
+        assert fs.get_file_info(f"{path}/probe.txt").type == pyarrow.fs.FileType.File
+    path, fs = checkpoint_storage(f"s3a://{s3_bucket.removeprefix('s3://')}/ckpt", flat)
+    assert fs.get_file_info(f"{path}/probe.txt").type == pyarrow.fs.FileType.File

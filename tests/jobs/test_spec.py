@@ -221,6 +221,11 @@ def test_allowed_roots(tmp_path):
     with pytest.raises(SpecError) as ei:
         check_allowed_roots(parse_spec(base(data={"train": "c10"}, checkpoint={"storage": "/ckpt"})), [root], base=root)
     assert [e["loc"] for e in ei.value.errors] == ["checkpoint.storage"]
+    # '..' after a pattern character is invisible to a prefix check: refused wherever it appears
+    for sneaky in [f"{root}/*/../../../etc", f"{root}/[x]/../../home/.ssh", f"{root}/{{a,b}}/../../x"]:
+        with pytest.raises(SpecError) as ei:
+            check_allowed_roots(parse_spec(base(data={"train": str(root)}, checkpoint={"storage": sneaky})), [root])
+        assert [e["loc"] for e in ei.value.errors] == ["checkpoint.storage"] and "'..'" in ei.value.errors[0]["msg"]
 
 
 def test_absolute_paths(tmp_path):

@@ -53,6 +53,59 @@ def test_submit_status_logs_cancel(env, tmp_path):
     assert out.exit_code == 0 and out.stdout.startswith("MLflow: http://127.0.0.1:")
 
 
+def test_submit_follow_shows_progress_until_the_job_ends(env, tmp_path, api):
+    """`submit --follow` polls the job (retrying through outages) and exits 1 when it ends cancelled."""
+    import threading
+    import time
+
+    import httpx
+
+    spec = tmp_path / "job.yaml"
+    write_spec(spec, "shards/manifest.json")
+    headers = {"Authorization": f"Bearer {ADMIN}"}
+
+    def cancel_when_stored() -> None:
+        for _ in range(100):
+            items = httpx.get(f"{api.url}/v1/jobs", headers=headers).json()["items"]
+            if items:
+                httpx.post(f"{api.url}/v1/jobs/{items[0]['id']}/cancel", headers=headers)
+                return
+            time.sleep(0.1)
+
+    canceller = threading.Thread(target=cancel_when_stored)
+    canceller.start()
+    out = runner.invoke(cli, ["submit", str(spec), "--follow"], env=env)
+    canceller.join()
+    assert out.exit_code == 1, out.output
+    assert "state  cancelled" in out.stdout
+
+
+def test_requests_retry_while_the_service_is_unreachable(monkeypatch):
+    from service import cli_api
+
+    calls = []
+    real = cli_api.httpx.request
+
+    def flaky(method, url, **kwargs):
+        calls.append(url)
+        if len(calls) < 3:
+            raise cli_api.httpx.ConnectError("connection refused")
+        return real(method, url, **kwargs)
+
+    monkeypatch.setattr(cli_api, "RETRY_PAUSE", 0.01)
+    monkeypatch.setattr(cli_api.httpx, "request", flaky)
+    dead = cli_api.Api("http://127.0.0.1:9", None)  # nothing listens on the discard port
+    import click
+
+    with pytest.raises(click.exceptions.Exit) as e:
+        cli_api.request("GET", "/healthz", api=dead)  # no retry_for: fails at once
+    assert len(calls) == 1 and e.value.exit_code == 1
+    calls.clear()
+    with pytest.raises(click.exceptions.Exit):
+        cli_api.request("GET", "/healthz", api=dead, retry_for=0.5)  # retried, then gives up
+    assert len(calls) >= 3
+
+
 def test_submit_errors(env, tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("kind: tokenizer\nname: x\ndata: {train: 'pipe:ls'}\n")
