@@ -7,6 +7,7 @@ import json
 import sys
 
 import pytest
+import typer
 from typer.testing import CliRunner
 
 from service import cli_jobs
@@ -95,13 +96,11 @@ def test_requests_retry_while_the_service_is_unreachable(monkeypatch):
     monkeypatch.setattr(cli_api, "RETRY_PAUSE", 0.01)
     monkeypatch.setattr(cli_api.httpx, "request", flaky)
     dead = cli_api.Api("http://127.0.0.1:9", None)  # nothing listens on the discard port
-    import click
-
-    with pytest.raises(click.exceptions.Exit) as e:
+    with pytest.raises(typer.Exit) as e:
         cli_api.request("GET", "/healthz", api=dead)  # no retry_for: fails at once
     assert len(calls) == 1 and e.value.exit_code == 1
     calls.clear()
-    with pytest.raises(click.exceptions.Exit):
+    with pytest.raises(typer.Exit):
         cli_api.request("GET", "/healthz", api=dead, retry_for=0.5)  # retried, then gives up
     assert len(calls) >= 3
 
