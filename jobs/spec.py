@@ -219,10 +219,32 @@ def parse_spec(data: Any) -> JobSpec:
         raise SpecError(errors_from(e)) from None
 
 
+class _NoAliasLoader(yaml.SafeLoader):
+    """Safe YAML without aliases: nested `*refs` expand a few hundred bytes into gigabytes when the spec is
+    stored or sent on ("billion laughs"), and a job spec has no need of them."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            mark = self.peek_event().start_mark
+            raise yaml.composer.ComposerError(None, None, "aliases (*name) are not allowed in a job spec", mark)
+        return super().compose_node(parent, index)
+
+
+MAX_SPEC_JSON_BYTES = 96 * 1024  # a spec reaches the job as one environment variable / argument (128 KiB)
+
+
+def check_spec_size(spec: JobSpec) -> None:
+    """Refuse a spec whose JSON form cannot reach a job: Linux caps one argument or variable at 128 KiB."""
+    size = len(spec.model_dump_json())
+    if size > MAX_SPEC_JSON_BYTES:
+        raise SpecError([{"loc": "", "msg": f"the spec is {size} bytes as JSON, over the limit of "
+                          f"{MAX_SPEC_JSON_BYTES}: list shards in a manifest or a brace pattern instead"}])
+
+
 def parse_text(text: str, source: str = "<spec>") -> Any:
     """YAML or JSON text → a Python object; a syntax error becomes a SpecError with the line."""
     try:
-        docs = [d for d in yaml.safe_load_all(text) if d is not None]
+        docs = [d for d in yaml.load_all(text, Loader=_NoAliasLoader) if d is not None]
     except yaml.YAMLError as e:
         raise SpecError([{"loc": "", "msg": f"{source} is not valid YAML/JSON: {e}"}]) from None
     if len(docs) != 1:

@@ -9,6 +9,7 @@ clusters whose nodes need a working_dir, pip packages or an image.
 from __future__ import annotations
 
 import json
+import re
 import shlex
 import threading
 from dataclasses import dataclass, field
@@ -146,7 +147,10 @@ class RayJobs:
             return getattr(client, method)(*args, **kwargs)
         except RuntimeError as e:
             text = str(e)
-            if "404" in text or "does not exist" in text or "not found" in text.lower():
+            # by the status Ray reports, not a bare "404" (job ids and tracebacks can contain those digits)
+            if "already exists" not in text and (
+                re.search(r"status code 404\b", text) or "does not exist" in text or "not found" in text.lower()
+            ):
                 raise RayJobNotFound(text) from e
             raise RayUnavailable(text) from e
         except Exception as e:  # requests' connection errors and the like

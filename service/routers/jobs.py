@@ -10,11 +10,20 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 from sqlalchemy.orm import Session
 
-from jobs.spec import JobSpec, SpecError, check_allowed_roots, local_paths, parse_spec, parse_text, redacted
+from jobs.spec import (
+    JobSpec,
+    SpecError,
+    check_allowed_roots,
+    check_spec_size,
+    local_paths,
+    parse_spec,
+    parse_text,
+    redacted,
+)
 from service import store
 from service.auth import Reader, Writer
 from service.manager import JobManager
-from service.ray_client import RayUnavailable
+from service.ray_client import RayJobNotFound, RayUnavailable
 from service.schemas import (
     ErrorResponse,
     JobCreated,
@@ -94,6 +103,7 @@ def _service_checks(spec: JobSpec, request: Request) -> None:
     if errors:
         raise SpecError(errors)
     check_allowed_roots(spec, settings.allowed_roots)
+    check_spec_size(spec)
 
 
 def _create(request: Request, body: bytes, owner: str, key: str | None) -> JSONResponse:
@@ -202,7 +212,10 @@ def job_logs(
         job = _load(db, job_id)
         lines: list[str] = []
         if job.submitted:
-            lines = _manager(request).ray.logs(job.id).splitlines()
+            try:
+                lines = _manager(request).ray.logs(job.id).splitlines()
+            except RayJobNotFound:  # Ray lost its job history (a restarted head): no log to give
+                lines = []
         end = len(lines)
         if offset is not None:
             lines = lines[offset:]

@@ -76,6 +76,11 @@ def test_read_only_token_reads_but_cannot_write(api, tmp_path):
         ("kind: tokenizer\nname: x\ndata: {train: [\n", ""),  # YAML syntax error
         ("[1, 2, 3]", ""),
         ("", ""),
+        # YAML aliases: nested ones expand a small body into gigabytes when the spec is stored
+        ("kind: tokenizer\nname: x\ndata: {train: 's3://b/x', storage_options: {a: &a [1, 1], b: *a}}\n", ""),
+        # too big to reach a job (one environment variable / argument, 128 KiB on Linux)
+        ("kind: tokenizer\nname: x\ndata: {train: [" + ", ".join(f"'s3://b/s-{i:06d}.tar'" for i in range(5000))
+         + "]}\n", ""),
     ],
 )
 def test_invalid_spec_is_422_with_field_path_and_nothing_stored(api, body, loc):
@@ -150,6 +155,19 @@ def test_cancel_before_ray_saw_the_job(api, tmp_path, backends):
         }  # fmt: skip
     with pytest.raises(RayJobNotFound):
         RayJobs(backends.ray_address).info(job_id)  # never reached Ray
+
+
+def test_logs_of_a_job_ray_no_longer_knows_are_empty_not_an_error(api, tmp_path, backends):
+    """A restarted Ray head forgets its jobs: the log route answers with no lines instead of a 500."""
+    with api.client() as c:
+        job_id = c.post("/v1/jobs", json=spec_for(tmp_path)).json()["id"]
+        engine = store.make_engine(api.settings.resolved_store_url)
+        with store.session_factory(engine)() as db:
+            assert store.mark_submitted(db, job_id)  # as if submitted to a Ray that has since lost it
+        engine.dispose()
+        r = c.get(f"/v1/jobs/{job_id}/logs")
+        assert r.status_code == 200, r.text
+        assert r.json()["lines"] == [] and r.json()["next_offset"] == 0
 
 
 def test_models_lists_the_registry(api):

@@ -58,3 +58,28 @@ def test_entrypoint_gets_the_spec_from_the_environment_through_the_shell(tmp_pat
     argv = json.loads(out.stdout)
     assert argv[:4] == ["-m", "jobs.run", "--job-id", "vq-1"] and argv[4] == "--spec-json"
     assert json.loads(argv[5]) == spec
+
+
+def test_ray_errors_are_classified_by_status_not_by_digits_in_ids():
+    """'already exists' is never "not found" even when the id holds 404; a 404 status is; others mean Ray is down."""
+    import pytest
+
+    from service.ray_client import RayJobNotFound, RayJobs, RayUnavailable
+
+    class Client:  # raises what ray.job_submission.JobSubmissionClient raises
+        def __init__(self, message: str) -> None:
+            self.message = message
+
+        def get_job_info(self, job_id: str):
+            raise RuntimeError(self.message)
+
+    ray = RayJobs("http://127.0.0.1:1")
+    cases = [
+        ("Request failed with status code 400: Job with submission_id vq-a404b already exists.", RayUnavailable),
+        ("Request failed with status code 404: Job vq-1 does not exist.", RayJobNotFound),
+        ("Request failed with status code 500: Traceback ... line 404, in handler", RayUnavailable),
+    ]
+    for message, error in cases:
+        ray._client = Client(message)
+        with pytest.raises(error):
+            ray.info("vq-1")
