@@ -90,7 +90,8 @@ def encode_split(env: JobEnv, tok: Any, source: Any, dest: str, split: str) -> d
         raise
     writer.meta["skipped"] = loader.skipped
     part = writer.close()
-    stats = torch.tensor([float(written), float(loader.skipped)], dtype=torch.float64)
+    # on the worker's device: an NCCL group (GPU jobs) cannot reduce CPU tensors
+    stats = torch.tensor([float(written), float(loader.skipped)], dtype=torch.float64, device=worker.device)
     parts = _gather(part)
     if is_distributed():
         dist.all_reduce(stats)
