@@ -247,6 +247,36 @@ def test_replace_threshold_replaces_rarely_used_codes_too():
         assert moved[:6].sum() == 0
 
 
+def test_a_resumed_run_does_not_replace_live_codes_on_a_partial_window():
+    """A checkpoint has no window counts (and one rank's `last_used`): the first replacement after a resume
+    must not judge codes on the part of the window since the resume."""
+    torch.manual_seed(15)
+    codes = torch.arange(8.0)[:, None].repeat(1, 2)  # inputs hit 0..5 every step; 6 twice per window; 7 never
+
+    def batch(step: int) -> torch.Tensor:
+        rare = codes[6:7] if step % 4 in (1, 2) else codes[:0]
+        return torch.cat([codes[:6].repeat(20, 1), rare]) + 0.01 * torch.randn(120 + len(rare), 2)
+
+    def run(q: VectorQuantizer, steps: range) -> list[int]:
+        return [int(q(batch(t)).metrics["replaced"]) for t in steps]
+
+    options = dict(replace_every=4, replace_threshold=2)
+    whole = VectorQuantizer(2, 8, **options)
+    whole.codebook.set_all(codes.clone())
+    run(whole, range(1, 9))
+    first = VectorQuantizer(2, 8, **options)
+    first.codebook.set_all(codes.clone())
+    run(first, range(1, 7))
+    resumed = VectorQuantizer(2, 8, **options)
+    resumed.load_state_dict(first.state_dict())  # checkpoint at step 6, mid-window
+    assert run(resumed, range(7, 9)) == [0, 0]
+    for q in (whole, resumed):  # code 6 was used twice in the window (4, 8]: alive in both runs
+        assert torch.allclose(q.effective_codebook()[6], codes[6])
+    # from the next full window on the threshold applies again: code 6, once in (8, 12], is replaced
+    once = [int(resumed(batch(t)[: 120 + (t == 9)]).metrics["replaced"]) for t in range(9, 13)]
+    assert once[-1] >= 1 and not torch.allclose(resumed.effective_codebook()[6], codes[6])
+
+
 def test_error_sampling_replaces_at_the_worst_fitted_inputs():
     torch.manual_seed(13)
     q = VectorQuantizer(2, 3, replace_every=1, replace_sampling="error", replace_noise=0.0)

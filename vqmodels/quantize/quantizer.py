@@ -68,6 +68,8 @@ class VectorQuantizer(nn.Module):
             # reduced with the next step's input statistics (one collective)
             self.register_buffer("pending", torch.zeros(codebook_size + dim + 1), persistent=False)
         self._init_done = not o.kmeans_init
+        self._window_start = 0  # step the current replacement window began (at 0, a replacement, a resume)
+        self._resumed = False  # state was loaded: the next training forward starts a fresh window
         self._synced = False  # rank 0's random init is broadcast at the first training forward
 
     # -- public ------------------------------------------------------------------------------
@@ -94,6 +96,8 @@ class VectorQuantizer(nn.Module):
             if training:
                 if not self._synced:
                     self._broadcast_state()
+                if self._resumed:
+                    self._start_window_after_resume()
                 self.step += 1
                 if not self._init_done:
                     self._kmeans_init(flat.detach())
@@ -255,6 +259,17 @@ class VectorQuantizer(nn.Module):
             self.window_count += counts
 
     @torch.no_grad()
+    def _start_window_after_resume(self) -> None:
+        """A checkpoint holds one rank's `last_used` (other ranks' uses since the last replacement are not in
+        it) and no window counts: judged on that, a resumed run would replace a burst of live codes. So every
+        code counts as used at the resume step and the window restarts there (same on every rank: all load
+        the same checkpoint)."""
+        self.last_used.clamp_(min=int(self.step))
+        self.window_count.zero_()
+        self._window_start = int(self.step)
+        self._resumed = False
+
+    @torch.no_grad()
     def _replace_dead(self, z: torch.Tensor) -> torch.Tensor:
         """Replace codes unused over the last `replace_every` steps (or used fewer than
         `replace_threshold` times; usage reduced over ranks) by perturbed recent inputs, chosen once
@@ -266,8 +281,10 @@ class VectorQuantizer(nn.Module):
         dead = (self.step - self.last_used) >= o.replace_every
         if o.replace_threshold > 1:
             dist.all_reduce_(self.window_count)
-            dead |= self.window_count < o.replace_threshold
+            if int(self.step) - self._window_start >= o.replace_every:  # only a full window's counts judge
+                dead |= self.window_count < o.replace_threshold
             self.window_count.zero_()
+        self._window_start = int(self.step)
         n_dead = int(dead.sum())
         if n_dead == 0:  # last_used is global now: every rank takes this branch together
             return torch.zeros((), dtype=torch.long, device=z.device)
@@ -324,6 +341,7 @@ class VectorQuantizer(nn.Module):
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # noqa: ANN001
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self._init_done = bool(self.initialised)
+        self._resumed = True
 
     def extra_repr(self) -> str:
         changed = {
