@@ -35,6 +35,7 @@ from service.settings import Settings
 log = logging.getLogger("vqtrain.service")
 LOG_REFRESH_S = 3.0  # a running job's logs are re-read at most this often
 RUN_LOOKUP_S = 10.0  # MLflow is asked for a running job's run at most this often
+STOP_RETRY_S = 15.0  # a cancelled job that Ray still runs is sent another stop at most this often
 
 
 def _ts(seconds: float | None) -> dt.datetime | None:
@@ -52,6 +53,9 @@ class JobManager:
         self._dispatch_lock = threading.Lock()
         self._last_logs: dict[str, float] = {}
         self._last_run_lookup: dict[str, float] = {}
+        self._last_stop: dict[str, float] = {}
+        # jobs cancelled while being submitted whose stop did not reach Ray (the store has them cancelled)
+        self._pending_stops: set[str] = set()
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -105,13 +109,28 @@ class JobManager:
                     log.warning("job %s stays queued: %s", job.id, e)
                     break
                 if not store.mark_submitted(db, job.id):  # cancelled while we were submitting
-                    self.ray.stop(job.id)
+                    self._send_stop(job.id)
                 sent += 1
         return sent
 
     # ------------------------------------------------------------------ reconcile
 
+    def _send_stop(self, job_id: str) -> bool:
+        """Ask Ray to stop a job; if Ray is away, remember it and try again at the next reconcile."""
+        self._last_stop[job_id] = time.monotonic()
+        try:
+            self.ray.stop(job_id)
+        except RayUnavailable as e:
+            self._pending_stops.add(job_id)
+            log.warning("stop of %s not delivered yet: %s", job_id, e)
+            return False
+        self._pending_stops.discard(job_id)
+        return True
+
     def reconcile_all(self) -> None:
+        for job_id in sorted(self._pending_stops):
+            if not self._send_stop(job_id):
+                return
         with self.sessions() as db:
             for job in store.active_submitted(db):
                 try:
@@ -133,11 +152,13 @@ class JobManager:
             )  # fmt: skip
         state = STATE_OF_RAY.get(info.status, job.state)
         values: dict[str, Any] = {"state": state, "ray_status": info.status}
+        now = time.monotonic()
+        if job.cancel_requested and state not in store.TERMINAL and now - self._last_stop.get(job.id, 0) >= STOP_RETRY_S:
+            self._send_stop(job.id)  # the cancel's own stop may not have reached Ray (it was away)
         if info.start_time and job.started_at is None and state != "queued":
             values["started_at"] = _ts(info.start_time)
         if state in store.TERMINAL:
             values["ended_at"] = _ts(info.end_time) or store.utcnow()
-        now = time.monotonic()
         if force_logs or state in store.TERMINAL or now - self._last_logs.get(job.id, 0) >= LOG_REFRESH_S:
             self._last_logs[job.id] = now
             values |= self._from_logs(job, self.ray.logs(job.id), state, info.message)
@@ -146,6 +167,7 @@ class JobManager:
         if state in store.TERMINAL:
             self._last_logs.pop(job.id, None)
             self._last_run_lookup.pop(job.id, None)
+            self._last_stop.pop(job.id, None)
         return store.update_job(db, job, **values)
 
     def _from_logs(self, job: store.Job, text: str, state: str, ray_message: str | None) -> dict[str, Any]:
@@ -209,7 +231,8 @@ class JobManager:
         if store.cancel_unsubmitted(db, job.id):
             db.refresh(job)
             return job
-        store.update_job(db, job, cancel_requested=True)
+        store.update_job(db, job, cancel_requested=True)  # stored first: reconcile resends the stop if Ray is away
+        self._last_stop[job.id] = time.monotonic()
         self.ray.stop(job.id)
         deadline = time.monotonic() + 5.0  # Ray stops jobs asynchronously; wait briefly for the final state
         while time.monotonic() < deadline:

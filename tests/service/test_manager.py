@@ -1,0 +1,98 @@
+"""The dispatcher's cancel path when Ray is briefly away: no stop may be lost (the store says cancelled, so
+nothing else would ever stop the job on Ray). Ray is replaced by a recorder that can refuse calls, since the
+point is what happens when the real one is unreachable."""
+
+from __future__ import annotations
+
+import pytest
+
+from service import manager as manager_module
+from service import store
+from service.manager import JobManager
+from service.ray_client import RayJobInfo, RayUnavailable
+from service.settings import Settings
+from tests.service.conftest import TOKENS
+
+
+class FlakyRay:
+    """Records submits and stops; `down` makes every call fail as an unreachable Ray would."""
+
+    def __init__(self) -> None:
+        self.down = False
+        self.stops: list[str] = []
+        self.on_submit = None
+
+    def _check(self) -> None:
+        if self.down:
+            raise RayUnavailable("Ray Jobs API at http://127.0.0.1:1: connection refused")
+
+    def submit(self, job_id, command, env, runtime_env) -> None:
+        self._check()
+        if self.on_submit:
+            self.on_submit(job_id)
+
+    def stop(self, job_id: str) -> bool:
+        self._check()
+        self.stops.append(job_id)
+        return True
+
+    def info(self, job_id: str) -> RayJobInfo:
+        self._check()
+        return RayJobInfo("RUNNING", None, 1.0, None)
+
+    def logs(self, job_id: str) -> str:
+        self._check()
+        return ""
+
+
+@pytest.fixture
+def setup(tmp_path, monkeypatch):
+    monkeypatch.setattr(manager_module, "STOP_RETRY_S", 0.0)
+    (tmp_path / "home").mkdir()
+    settings = Settings(home=tmp_path / "home", ray_address="http://127.0.0.1:1", mlflow_uri="", tokens=TOKENS,
+                        max_active_jobs=4)  # fmt: skip
+    engine = store.make_engine(settings.resolved_store_url)
+    sessions = store.session_factory(engine)
+    ray = FlakyRay()
+    yield JobManager(settings, sessions, ray, None), sessions, ray
+    engine.dispose()
+
+
+def _new_job(sessions) -> str:
+    with sessions() as db:
+        job, _ = store.create_job(db, {"kind": "tokenizer", "name": "x"}, "x", "tokenizer")
+        return job.id
+
+
+def test_a_cancel_whose_stop_missed_ray_is_resent(setup):
+    manager, sessions, ray = setup
+    job_id = _new_job(sessions)
+    assert manager.dispatch() == 1
+    ray.down = True
+    with sessions() as db, pytest.raises(RayUnavailable):  # the API answers 503 …
+        manager.cancel(db, store.get_job(db, job_id))
+    with sessions() as db:
+        assert store.get_job(db, job_id).cancel_requested  # … but the request is stored
+    manager.reconcile_all()  # Ray still away: nothing to do, nothing lost
+    ray.down = False
+    manager.reconcile_all()
+    assert ray.stops == [job_id]
+
+
+def test_a_job_cancelled_while_being_submitted_is_stopped_once_ray_is_back(setup):
+    manager, sessions, ray = setup
+    job_id = _new_job(sessions)
+
+    def cancel_then_lose_ray(submitted_id: str) -> None:
+        with sessions() as db:
+            assert store.cancel_unsubmitted(db, submitted_id)  # the user's cancel lands mid-submit
+        ray.down = True
+
+    ray.on_submit = cancel_then_lose_ray
+    assert manager.dispatch() == 1  # no exception escapes the dispatcher
+    with sessions() as db:
+        assert store.get_job(db, job_id).state == "cancelled"
+    assert ray.stops == []
+    ray.down = False
+    manager.reconcile_all()
+    assert ray.stops == [job_id]
