@@ -53,6 +53,7 @@ class JobManager:
         self._dispatch_lock = threading.Lock()
         self._last_logs: dict[str, float] = {}
         self._last_run_lookup: dict[str, float] = {}
+        self._run_lookups: dict[str, Any] = {}  # job id -> MLflow lookup in flight (a Future)
         self._last_stop: dict[str, float] = {}
         # jobs cancelled while being submitted whose stop did not reach Ray (the store has them cancelled)
         self._pending_stops: set[str] = set()
@@ -167,6 +168,7 @@ class JobManager:
         if state in store.TERMINAL:
             self._last_logs.pop(job.id, None)
             self._last_run_lookup.pop(job.id, None)
+            self._run_lookups.pop(job.id, None)
             self._last_stop.pop(job.id, None)
         return store.update_job(db, job, **values)
 
@@ -213,10 +215,17 @@ class JobManager:
         now = time.monotonic()
         if not self.mlflow_uri or now - self._last_run_lookup.get(job.id, 0) < RUN_LOOKUP_S:
             return {}
+        pending = self._run_lookups.get(job.id)
+        if pending is None:  # never waited for here: an unreachable MLflow must not stall status or dispatch
+            experiment = (job.spec.get("tracking") or {}).get("experiment", "vqtrain")
+            self._run_lookups[job.id] = registry.submit(registry.find_job_run, self.mlflow_uri, experiment, job.id)
+            return {}
+        if not pending.done():
+            return {}
         self._last_run_lookup[job.id] = now
-        experiment = (job.spec.get("tracking") or {}).get("experiment", "vqtrain")
+        del self._run_lookups[job.id]
         try:
-            found = registry.find_job_run(self.mlflow_uri, experiment, job.id)
+            found = pending.result()
         except Exception as e:  # MLflow down must not break status reads
             log.warning("MLflow lookup for %s failed: %s", job.id, e)
             return {}

@@ -3,6 +3,7 @@ run, and download a model's tokenizer directory (`vqtrain pull`). Imports mlflow
 
 from __future__ import annotations
 
+import concurrent.futures
 import re
 import shutil
 import tempfile
@@ -16,6 +17,27 @@ KIND_TAG = "vqtrain.kind"
 _REF = re.compile(
     r"^(?P<name>[A-Za-z0-9][A-Za-z0-9\-_.]*)(?:@(?P<alias>[A-Za-z0-9\-_]+)|/(?P<version>\d+))?$"
 )
+
+
+# MLflow's client retries an unreachable server with backoff for minutes; the API must not wait that long,
+# so its calls run here and are waited for with a deadline (a stuck call finishes in the background).
+_POOL = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="vqtrain-mlflow")
+MLFLOW_DEADLINE_S = 10.0
+
+
+def call_with_deadline(fn: Any, *args: Any, deadline: float | None = None) -> Any:
+    """fn(*args) on the MLflow pool; TimeoutError if it takes longer than `deadline` (default
+    `MLFLOW_DEADLINE_S`) seconds."""
+    deadline = MLFLOW_DEADLINE_S if deadline is None else deadline
+    try:
+        return _POOL.submit(fn, *args).result(timeout=deadline)
+    except concurrent.futures.TimeoutError:
+        raise TimeoutError(f"no answer from MLflow within {deadline:.0f} s") from None
+
+
+def submit(fn: Any, *args: Any) -> concurrent.futures.Future:
+    """fn(*args) on the MLflow pool, not waited for (the dispatcher polls the future)."""
+    return _POOL.submit(fn, *args)
 
 
 def _client(tracking_uri: str) -> Any:

@@ -26,7 +26,7 @@ def list_models(
     if not uri:
         raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, "no MLflow tracking URI configured")
     try:
-        models = registry.list_models(uri, name)
+        models = registry.call_with_deadline(registry.list_models, uri, name)
     except Exception as e:  # MLflow unreachable or erroring
         raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, f"MLflow at {uri}: {e}") from e
     return ModelList(tracking_uri=uri, models=models)

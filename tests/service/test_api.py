@@ -170,6 +170,22 @@ def test_logs_of_a_job_ray_no_longer_knows_are_empty_not_an_error(api, tmp_path,
         assert r.json()["lines"] == [] and r.json()["next_offset"] == 0
 
 
+def test_an_unreachable_mlflow_is_a_prompt_503(live, make_settings, monkeypatch):
+    """MLflow's client retries a dead server for minutes; the API answers within its own deadline instead
+    (job reads never wait on MLflow: tests/service/test_manager.py)."""
+    import time
+
+    from service import registry
+
+    monkeypatch.setattr(registry, "MLFLOW_DEADLINE_S", 2.0)
+    server = live(make_settings(max_active_jobs=0, mlflow_uri="http://127.0.0.1:9"))  # nothing listens there
+    with server.client() as c:
+        t0 = time.monotonic()
+        r = c.get("/v1/models")
+        assert r.status_code == 503 and "MLflow" in r.json()["detail"]
+        assert time.monotonic() - t0 < 20
+
+
 def test_models_lists_the_registry(api):
     with api.client() as c:
         r = c.get("/v1/models")

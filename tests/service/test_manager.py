@@ -96,3 +96,40 @@ def test_a_job_cancelled_while_being_submitted_is_stopped_once_ray_is_back(setup
     ray.down = False
     manager.reconcile_all()
     assert ray.stops == [job_id]
+
+
+def test_a_hanging_mlflow_lookup_never_stalls_the_dispatcher(setup, monkeypatch):
+    """A running job's run is looked up in MLflow in the background: reconcile (and so every status read and
+    every dispatch) goes on while the lookup hangs, and picks the run up once it answers."""
+    import threading
+    import time
+
+    from service import registry
+
+    manager, sessions, ray = setup
+    manager.mlflow_uri = "http://127.0.0.1:9"
+    release = threading.Event()
+
+    def hanging_lookup(uri: str, experiment: str, job_id: str):
+        release.wait(30)
+        return "run-1", f"{uri}/#/experiments/0/runs/run-1"
+
+    monkeypatch.setattr(registry, "find_job_run", hanging_lookup)
+    job_id = _new_job(sessions)
+    assert manager.dispatch() == 1
+    t0 = time.monotonic()
+    for _ in range(3):
+        manager.reconcile_all()
+    assert time.monotonic() - t0 < 5
+    with sessions() as db:
+        assert store.get_job(db, job_id).run_url is None
+    release.set()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        manager.reconcile_all()
+        with sessions() as db:
+            if store.get_job(db, job_id).run_id == "run-1":
+                break
+        time.sleep(0.05)
+    with sessions() as db:
+        assert store.get_job(db, job_id).run_id == "run-1"
