@@ -86,10 +86,15 @@ def run(
     except SpecError as e:
         _print_spec_error(e, str(spec_file))
         raise typer.Exit(2) from None
+    address = os.environ.get("VQTRAIN_RAY_ADDRESS", "")
+    if address.startswith(("http://", "https://")):  # a Jobs API address: for the service, not ray.init
+        raise _fail(
+            f"VQTRAIN_RAY_ADDRESS={address} is a Ray Jobs API address; `vqtrain run` drives the job from this "
+            "process and needs a cluster address (ray://head:10001) or none (a local Ray). To run on that "
+            f"cluster: `VQTRAIN_RAY_ADDRESS={address} vqtrain serve`, then `vqtrain submit {spec_file}`"
+        )
     uri = tracking_uri()
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PYTHONUNBUFFERED": "1"}
-    if env.get("VQTRAIN_RAY_ADDRESS", "").startswith(("http://", "https://")):
-        env.pop("VQTRAIN_RAY_ADDRESS")  # a Jobs API address is the service's business, not ray.init's
     log_dir = embedded.vqtrain_home() / "runs"
     log_dir.mkdir(parents=True, exist_ok=True)
     log_path = log_dir / f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}.log"

@@ -126,6 +126,15 @@ def test_without_a_service(tmp_path):
     assert out.exit_code == 2 and "vqtrain serve" in out.stderr
 
 
+def test_run_refuses_a_jobs_api_address_instead_of_silently_running_locally(tmp_path):
+    spec = tmp_path / "job.yaml"
+    write_spec(spec, str(tmp_path / "shards"))
+    env = {"VQTRAIN_HOME": str(tmp_path), "VQTRAIN_RAY_ADDRESS": "http://head:8265"}
+    out = runner.invoke(cli, ["run", str(spec)], env=env)
+    assert out.exit_code == 2 and "Jobs API" in out.stderr and "vqtrain serve" in out.stderr
+    assert not (tmp_path / "runs").exists()  # nothing was started
+
+
 def test_run_refuses_an_invalid_spec_before_starting_anything(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("kind: tokenizer\nname: x\ndata: {train: /d}\noptim: {steps: 0}\nquantizer: {beta: 3}\n")
