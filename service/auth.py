@@ -22,6 +22,7 @@ bearer = HTTPBearer(auto_error=False, description="vqtrain API token")
 class Principal:
     name: str
     read_only: bool
+    token_sha256: str = ""  # which token (names need not be unique): scopes idempotency keys
 
 
 def match_token(token: str, entries: list[TokenEntry]) -> TokenEntry | None:
@@ -46,7 +47,7 @@ def require_reader(
         raise HTTPException(
             status.HTTP_401_UNAUTHORIZED, "invalid token", headers={"WWW-Authenticate": "Bearer"}
         )
-    return Principal(entry.name, entry.read_only)
+    return Principal(entry.name, entry.read_only, entry.sha256)
 
 
 def require_writer(principal: Annotated[Principal, Depends(require_reader)]) -> Principal:

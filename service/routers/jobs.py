@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import re
 from typing import Annotated, Any
 
@@ -106,6 +107,12 @@ def _service_checks(spec: JobSpec, request: Request) -> None:
     check_spec_size(spec)
 
 
+def _scoped_key(token_sha256: str, key: str | None) -> str | None:
+    """The stored form of an Idempotency-Key: per token (two clients may pick the same key, and token names
+    need not be unique), hashed to a fixed 64 characters whatever the key's length."""
+    return hashlib.sha256(f"{token_sha256}\0{key}".encode()).hexdigest() if key else None
+
+
 def _create(request: Request, body: bytes, owner: str, key: str | None) -> JSONResponse:
     try:
         text = body.decode("utf-8")
@@ -116,7 +123,7 @@ def _create(request: Request, body: bytes, owner: str, key: str | None) -> JSONR
     with request.app.state.sessions() as db:
         job, created = store.create_job(  # keys are per token: one client cannot reach another's job
             db, spec.model_dump(mode="json"), spec.name, spec.kind, owner=owner,
-            idempotency_key=f"{owner}:{key}" if key else None,
+            idempotency_key=key,
         )  # fmt: skip
     if created:
         _manager(request).kick()
@@ -149,7 +156,8 @@ async def submit_job(
     if len(body) > MAX_SPEC_BYTES:
         raise HTTPException(status.HTTP_413_CONTENT_TOO_LARGE, f"a spec is at most {MAX_SPEC_BYTES} bytes")
     try:
-        return await run_in_threadpool(_create, request, body, principal.name, idempotency_key)
+        key = _scoped_key(principal.token_sha256, idempotency_key)
+        return await run_in_threadpool(_create, request, body, principal.name, key)
     except SpecError as e:
         return JSONResponse({"detail": e.errors}, status_code=status.HTTP_422_UNPROCESSABLE_CONTENT)
 

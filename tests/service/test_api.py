@@ -144,6 +144,25 @@ def test_idempotency_key_stores_once(api, tmp_path):
         assert c.get("/v1/jobs").json()["total"] == 1
 
 
+def test_idempotency_keys_belong_to_one_token_even_when_token_names_clash(live, make_settings, tmp_path):
+    """Two CI systems with unnamed tokens (both "token") and the same key each get their own job; a key of
+    any length is accepted (it is stored hashed)."""
+    tokens = [{"token": "ci-one-secret"}, {"token": "ci-two-secret"}]
+    server = live(make_settings(max_active_jobs=0, tokens=tokens))
+    h = {"Idempotency-Key": "build-42"}
+    ids = []
+    for token in ("ci-one-secret", "ci-two-secret"):
+        with server.client(token) as c:
+            r = c.post("/v1/jobs", json=spec_for(tmp_path, f"job-{token[:6]}"), headers=h)
+            assert r.status_code == 201, r.text
+            ids.append(r.json()["id"])
+    assert ids[0] != ids[1] and stored_rows(server) == 2
+    with server.client("ci-one-secret") as c:
+        long_key = {"Idempotency-Key": "k" * 200}
+        first = c.post("/v1/jobs", json=spec_for(tmp_path), headers=long_key)
+        assert first.status_code == 201 and c.post("/v1/jobs", json=spec_for(tmp_path), headers=long_key).status_code == 200
+
+
 def test_cancel_before_ray_saw_the_job(api, tmp_path, backends):
     with api.client() as c:
         job_id = c.post("/v1/jobs", json=spec_for(tmp_path)).json()["id"]
