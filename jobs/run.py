@@ -95,12 +95,15 @@ def run_job(
     tracking_uri = tracking_uri or tracking.resolve_tracking_uri()
     connect_ray()
 
-    client = MlflowClient(tracking_uri)
+    client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
     run_id, exp_id, created = tracking.start_or_resume_run(
         client, spec.tracking.experiment, job_id, run_name=spec.name, tags={tracking.KIND_TAG: spec.kind}
     )
     if created:
         tracking.log_spec(client, run_id, spec)  # params and spec/spec.yaml, storage secrets redacted
+    # `tokenizer: models:/name@alias` is resolved once, here, and recorded on the run: every worker, restart
+    # and resume of this job then loads the same version even if the alias moves meanwhile
+    spec = spec.model_copy(update={"tokenizer": tracking.pin_tokenizer(client, run_id, spec.tokenizer)})
     result = {
         "run_id": run_id,
         "run_url": tracking.run_url(tracking_uri, exp_id, run_id),

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,8 @@ from jobs.spec import JobSpec, flatten_spec, redacted
 JOB_TAG = "vqtrain.job_id"
 KIND_TAG = "vqtrain.kind"
 MODEL_URI_TAG = "vqtrain.model_uri"
+LOGGED_STEP_TAG = "vqtrain.logged_step"  # the highest step whose metrics reached the run
+TOKENIZER_TAG = "vqtrain.tokenizer"  # the tokenizer version a stage-two/tokenize job uses, pinned at its start
 MODEL_VERSION_TAG = "vqtrain.model_version"
 OUTPUT_TAG = "vqtrain.output"
 SPEC_ARTIFACT = "spec/spec.yaml"
@@ -57,6 +60,33 @@ def start_or_resume_run(
         return run.info.run_id, exp_id, False
     run = client.create_run(exp_id, run_name=run_name, tags={JOB_TAG: job_id, **(tags or {})})
     return run.info.run_id, exp_id, True
+
+
+_MODELS_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>[^/]+))?$")
+
+
+def pin_model_uri(client: MlflowClient, uri: str) -> str:
+    """`models:/name@alias` → `models:/name/<version>` (the version the alias points to now), so a job and
+    every restart of it use one tokenizer even if the alias moves meanwhile. Other URIs are returned as is."""
+    m = _MODELS_URI.match(uri)
+    if m is None or m["version"] is not None and m["version"].isdigit():
+        return uri
+    if m["alias"]:
+        version = client.get_model_version_by_alias(m["name"], m["alias"]).version
+        return f"models:/{m['name']}/{version}"
+    return uri
+
+
+def pin_tokenizer(client: MlflowClient, run_id: str, tokenizer: str | None) -> str | None:
+    """The job's tokenizer as a fixed version: the one recorded on its run (a restarted or resumed job), else
+    the alias resolved now and recorded."""
+    if not tokenizer or not tokenizer.startswith("models:"):
+        return tokenizer
+    pinned = client.get_run(run_id).data.tags.get(TOKENIZER_TAG)
+    if pinned is None:
+        pinned = pin_model_uri(client, tokenizer)
+        client.set_tag(run_id, TOKENIZER_TAG, pinned)
+    return pinned
 
 
 def _create_experiment(client: MlflowClient, name: str) -> str:
@@ -98,7 +128,12 @@ def ui_url(tracking_uri: str) -> str | None:
 
 class RunLogger:
     """Rank 0's handle on the job's run: metrics are buffered and sent in batches (one HTTP call per
-    `flush_every` seconds instead of one per step), images and figures go straight out."""
+    `flush_every` seconds instead of one per step), images and figures go straight out.
+
+    A restarted worker resumes from its last checkpoint and replays the steps after it, some of which had
+    already reached the run: each flush records its highest step on the run, and a new logger drops metrics
+    and images at or below it, so every step is logged once.
+    """
 
     def __init__(self, tracking_uri: str, run_id: str, flush_every: float = 5.0):
         self.tracking_uri, self.run_id, self.flush_every = tracking_uri, run_id, flush_every
@@ -106,8 +141,13 @@ class RunLogger:
         os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
         self._buffer: list[Metric] = []
         self._last_flush = time.monotonic()
+        logged = self.client.get_run(run_id).data.tags.get(LOGGED_STEP_TAG)
+        self.logged_through = int(logged) if logged and logged.lstrip("-").isdigit() else -1
+        self.replayed_through = self.logged_through  # steps a restart replays; fixed for this logger's life
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        if step <= self.replayed_through:  # replayed after a restart: already in the run
+            return
         now_ms = int(time.time() * 1000)
         for key, value in metrics.items():
             if value is None:
@@ -121,9 +161,18 @@ class RunLogger:
         for i in range(0, len(buffer), 1000):
             self.client.log_batch(self.run_id, metrics=buffer[i : i + 1000])
         self._last_flush = time.monotonic()
+        if buffer:
+            self._mark_logged(max(m.step for m in buffer))
+
+    def _mark_logged(self, step: int) -> None:
+        if step > self.logged_through:
+            self.logged_through = step
+            self.client.set_tag(self.run_id, LOGGED_STEP_TAG, str(step))
 
     def log_image(self, image: Any, key: str, step: int) -> None:
         """An image with a step (MLflow's image-per-step view)."""
+        if step <= self.replayed_through:
+            return
         self.client.log_image(self.run_id, image, key=key, step=int(step))
 
     def log_figure(self, figure: Any, artifact_file: str) -> None:

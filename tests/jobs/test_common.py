@@ -91,3 +91,26 @@ def test_s3_checkpoint_storage_takes_the_same_options_as_shard_reading(s3_server
         assert fs.get_file_info(f"{path}/probe.txt").type == pyarrow.fs.FileType.File
     path, fs = checkpoint_storage(f"s3a://{s3_bucket.removeprefix('s3://')}/ckpt", flat)
     assert fs.get_file_info(f"{path}/probe.txt").type == pyarrow.fs.FileType.File
+
+
+def test_token_shards_of_another_tokenizer_version_are_refused(tmp_path) -> None:
+    """Codes from tokenizer v1 mean nothing to v2, even with the same codebook size and grid."""
+    from types import SimpleNamespace
+
+    from jobs.data.tokens import TokenShardWriter
+    from jobs.spec import SpecError, parse_spec
+    from jobs.train_maskgit import token_loader
+
+    tokens = tmp_path / "tokens"
+    with TokenShardWriter(str(tokens), codebook_size=16, tokenizer="models:/tok/1") as w:
+        w.write_batch(torch.zeros(4, 4, 4, dtype=torch.long), [0, 1, 2, 3])
+    tok = SimpleNamespace(config=SimpleNamespace(downsample=4, codebook_size=16))
+
+    def spec(tokenizer: str):
+        return parse_spec({"kind": "maskgit", "name": "m", "tokenizer": tokenizer, "optim": {"batch_size": 2},
+                           "data": {"train": str(tokens), "num_workers": 0, "image_size": 16}})
+
+    with pytest.raises(SpecError, match="models:/tok/1.*models:/tok/2"):
+        token_loader(spec("models:/tok/2"), _cpu_worker(), train=True, tok=tok)
+    assert len(token_loader(spec("models:/tok/1"), _cpu_worker(), train=True, tok=tok)) >= 1
+    assert len(token_loader(spec("/local/tok"), _cpu_worker(), train=True, tok=tok)) >= 1  # not comparable
