@@ -195,6 +195,7 @@ def average_gradients(params: list[torch.nn.Parameter]) -> None:
 # ---------------------------------------------------------------------------------------------- data
 
 RESUME_SKIP_LIMIT = 200  # batches a resumed job may skip to continue exactly where it stopped
+SKIP_SYNC_EVERY = 50  # steps between sums of the ranks' skipped-sample counts
 
 
 class TrainBatches:
@@ -205,8 +206,10 @@ class TrainBatches:
     which case it starts the next epoch instead (re-reading a long epoch would cost more than it is worth).
     """
 
-    def __init__(self, loader: Any, start_step: int = 0):
+    def __init__(self, loader: Any, start_step: int = 0, skipped_before: int = 0):
         self.loader = loader
+        self.skipped_before = skipped_before  # all ranks' skipped samples up to the checkpoint resumed from
+        self._skipped = skipped_before
         epoch, skip = divmod(start_step, len(loader))
         if skip > RESUME_SKIP_LIMIT:
             epoch, skip = epoch + 1, 0
@@ -226,10 +229,19 @@ class TrainBatches:
     def __next__(self) -> Any:
         return next(self._it)
 
+    def sync_skipped(self, step: int, device: torch.device, at_checkpoint: bool) -> None:
+        """Sum the ranks' skipped-sample counts every SKIP_SYNC_EVERY steps and at checkpoints. A collective:
+        every rank calls it at every step (the condition depends on the step only)."""
+        if step % SKIP_SYNC_EVERY and not at_checkpoint:
+            return
+        local = torch.tensor([float(self.loader.skipped)], dtype=torch.float64, device=device)
+        self._skipped = self.skipped_before + int(all_reduce_sum(local).item())
+
     @property
     def skipped(self) -> int:
-        """Samples skipped so far by this process's loader (undecodable or lost in a broken shard)."""
-        return int(self.loader.skipped)
+        """Samples skipped by all ranks since the job began (undecodable or lost in a broken shard), as of the
+        last `sync_skipped`; saved in checkpoints, so a resumed job keeps counting."""
+        return self._skipped
 
 
 def image_loader(spec: Any, worker: Worker, train: bool) -> Any | None:
@@ -259,8 +271,8 @@ def image_loader(spec: Any, worker: Worker, train: bool) -> Any | None:
     )
 
 
-def train_batches(spec: Any, worker: Worker, start_step: int = 0) -> TrainBatches:
-    return TrainBatches(image_loader(spec, worker, train=True), start_step)
+def train_batches(spec: Any, worker: Worker, start_step: int = 0, skipped_before: int = 0) -> TrainBatches:
+    return TrainBatches(image_loader(spec, worker, train=True), start_step, skipped_before)
 
 
 def eval_batches(spec: Any, worker: Worker) -> Iterator[tuple[torch.Tensor, torch.Tensor]] | None:

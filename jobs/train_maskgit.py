@@ -63,21 +63,21 @@ def train_loop(config: dict[str, Any]) -> None:
     conditional = net.config.num_classes > 0
 
     seed_everything(o.seed, worker.rank)
-    step = 0
+    step, skipped_before = 0, 0
     state = load_checkpoint(worker)
     if state is not None:
         net.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         prec.scaler.load_state_dict(state["scaler"])
-        step = int(state["step"])
+        step, skipped_before = int(state["step"]), int(state.get("skipped_samples", 0))
         if env.run is not None:
             env.run.log_metrics({"train/resumed_from": step}, step)
 
     def checkpoint_state() -> dict[str, Any]:
         return {"model": net.state_dict(), "optimizer": opt.state_dict(), "scaler": prec.scaler.state_dict(),
-                "config": net.config_dict()}
+                "config": net.config_dict(), "skipped_samples": batches.skipped}
 
-    batches = TrainBatches(token_loader(spec, worker, train=True, tok=tok), start_step=step)
+    batches = TrainBatches(token_loader(spec, worker, train=True, tok=tok), step, skipped_before)
     to_tokens = _tokenise(tok, worker)
     rate = Throughput(worker.world_size)
     rate.pause()
@@ -90,6 +90,7 @@ def train_loop(config: dict[str, Any]) -> None:
         grad_norm = prec.step(out.loss, opt, params, o.grad_clip)
         step += 1
         rate.tick(tokens.shape[0] * worker.world_size)
+        batches.sync_skipped(step, worker.device, step % spec.checkpoint.every == 0 or step == o.steps)
 
         if worker.is_main:
             metrics = {"loss/total": float(out.loss.detach()), **{f"train/{k}": float(v) for k, v in out.metrics.items()}}

@@ -65,7 +65,7 @@ def train_loop(config: dict[str, Any]) -> None:
     prec, dprec = Precision(o.precision, worker.device), Precision(o.precision, worker.device)
 
     seed_everything(o.seed, worker.rank)
-    step = 0
+    step, skipped_before = 0, 0
     state = load_checkpoint(worker)
     if state is not None:
         tok.load_state_dict(state["model"])
@@ -74,7 +74,7 @@ def train_loop(config: dict[str, Any]) -> None:
         if dopt is not None:
             dopt.load_state_dict(state["disc_optimizer"])
             dprec.scaler.load_state_dict(state["disc_scaler"])
-        step = int(state["step"])
+        step, skipped_before = int(state["step"]), int(state.get("skipped_samples", 0))
         if env.run is not None:
             env.run.log_metrics({"train/resumed_from": step}, step)
 
@@ -86,9 +86,10 @@ def train_loop(config: dict[str, Any]) -> None:
             "disc_optimizer": dopt.state_dict() if dopt is not None else None,
             "disc_scaler": dprec.scaler.state_dict(),
             "config": tok.config_dict(),
+            "skipped_samples": batches.skipped,
         }
 
-    batches = train_batches(spec, worker, start_step=step)
+    batches = train_batches(spec, worker, start_step=step, skipped_before=skipped_before)
     preview: torch.Tensor | None = None
     rate = Throughput(worker.world_size)
     rate.pause()
@@ -112,6 +113,7 @@ def train_loop(config: dict[str, Any]) -> None:
             disc_metrics = {"loss/disc": float(d.loss.detach()), **{f"disc/{k}": float(v) for k, v in d.metrics.items()}}
         step += 1
         rate.tick(images.shape[0] * worker.world_size)
+        batches.sync_skipped(step, worker.device, step % spec.checkpoint.every == 0 or step == o.steps)
 
         if worker.is_main:
             metrics = {f"loss/{k}": float(v.detach()) for k, v in out.losses.items()}

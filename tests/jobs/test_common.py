@@ -114,3 +114,57 @@ def test_token_shards_of_another_tokenizer_version_are_refused(tmp_path) -> None
         token_loader(spec("models:/tok/2"), _cpu_worker(), train=True, tok=tok)
     assert len(token_loader(spec("models:/tok/1"), _cpu_worker(), train=True, tok=tok)) >= 1
     assert len(token_loader(spec("/local/tok"), _cpu_worker(), train=True, tok=tok)) >= 1  # not comparable
+
+
+class _CountingLoader:
+    """A loader that has skipped `skipped` samples so far (what `ShardLoader.skipped` reports)."""
+
+    def __init__(self, skipped: int) -> None:
+        self.skipped = skipped
+
+    def __len__(self) -> int:
+        return 4
+
+    def set_epoch(self, epoch: int) -> None:
+        pass
+
+    def __iter__(self):
+        return iter(range(4))
+
+
+def _skip_counting_rank(rank: int, port: int, out: str) -> None:
+    import os
+
+    import torch.distributed as dist
+
+    from jobs.common import TrainBatches
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    loader = _CountingLoader(skipped=3 if rank == 0 else 5)
+    batches = TrainBatches(loader, start_step=0, skipped_before=100)  # resumed: 100 skipped before
+    seen = []
+    for step in range(1, 8):
+        loader.skipped += rank  # rank 1 keeps finding bad samples
+        batches.sync_skipped(step, torch.device("cpu"), at_checkpoint=step == 7)
+        seen.append(batches.skipped)
+    torch.save(seen, f"{out}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_skipped_samples_are_summed_over_ranks_and_survive_a_resume(tmp_path) -> None:
+    import multiprocessing as mp
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = [mp.get_context("spawn").Process(target=_skip_counting_rank, args=(r, port, str(tmp_path))) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=120)
+    assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
+    # SKIP_SYNC_EVERY (50) is beyond step 7: only the checkpoint at step 7 sums; before it, the resumed base
+    assert r0 == r1 == [100] * 6 + [100 + 3 + (5 + 7)]
