@@ -194,16 +194,15 @@ def average_gradients(params: list[torch.nn.Parameter]) -> None:
 
 # ---------------------------------------------------------------------------------------------- data
 
-RESUME_SKIP_LIMIT = 200  # batches a resumed job may skip to continue exactly where it stopped
 SKIP_SYNC_EVERY = 50  # steps between sums of the ranks' skipped-sample counts
 
 
 class TrainBatches:
     """Endless training batches over epochs, positioned at `start_step`.
 
-    A resumed job sees the same data order as an uninterrupted one: it re-enters the epoch it was in and
-    skips the batches already used, unless that means reading more than RESUME_SKIP_LIMIT batches, in
-    which case it starts the next epoch instead (re-reading a long epoch would cost more than it is worth).
+    A resumed job sees the same data order as an uninterrupted one: it re-enters the epoch it was in at the
+    batch it had reached. The loader skips the used part of the epoch before decoding anything, so even a
+    resume deep into a long epoch costs only the reading of the skipped samples.
     """
 
     def __init__(self, loader: Any, start_step: int = 0, skipped_before: int = 0):
@@ -211,17 +210,12 @@ class TrainBatches:
         self.skipped_before = skipped_before  # all ranks' skipped samples up to the checkpoint resumed from
         self._skipped = skipped_before
         epoch, skip = divmod(start_step, len(loader))
-        if skip > RESUME_SKIP_LIMIT:
-            epoch, skip = epoch + 1, 0
-        loader.set_epoch(epoch)
-        self._it = self._batches(skip)
+        loader.set_epoch(epoch, skip_batches=skip)
+        self._it = self._batches()
 
-    def _batches(self, skip: int) -> Iterator[Any]:
-        while True:
-            for i, batch in enumerate(self.loader):
-                if i >= skip:
-                    yield batch
-            skip = 0
+    def _batches(self) -> Iterator[Any]:
+        while True:  # each full pass advances the loader's epoch (and ends any resume skip)
+            yield from self.loader
 
     def __iter__(self) -> Iterator[Any]:
         return self

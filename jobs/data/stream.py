@@ -1,9 +1,12 @@
 """Sharded streaming that cannot hang a DDP job: every rank yields exactly the same number of batches.
 
-Training ("train" mode): the shard list is an endless sequence of seeded per-cycle permutations; the
-R ranks × W dataloader workers take disjoint strided slots of it, so with ≥ R·W shards no two workers read
-the same shard in a cycle, and with fewer shards (or uneven ones) every worker still has an endless
-stream. Each worker yields a fixed quota of batches, so each rank yields exactly `epoch_batches`.
+Training ("train" mode): the samples form an endless sequence (seeded per-cycle shard permutations, one
+per epoch). With per-shard counts (a manifest), the R ranks × W dataloader workers take consecutive,
+disjoint ranges of it, each exactly its quota of batches: an epoch reads distinct samples, none twice and,
+with the default epoch length, all but fewer than R·batch of them (a slot reads into the next slot's range
+only to make up for samples it had to skip). Without counts, slots take strided shards of the sequence
+instead. Either way each worker yields a fixed quota of batches, so each rank yields exactly
+`epoch_batches`.
 
 Evaluation ("eval" mode): every sample of the shard set exactly once, split into contiguous per-rank
 ranges; ranks are padded to the same number of batches, padded or undecodable positions get label -1.
@@ -14,6 +17,7 @@ a warning; counts travel with each batch (`stats`) so the main process can sum t
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import random
@@ -89,7 +93,7 @@ class ShardStream(IterableDataset):
         self.seed, self.shuffle_buffer = seed, max(1, shuffle_buffer)
         self.storage_options, self.retries = storage_options, retries
         self.max_bad_in_a_row = max_bad_in_a_row
-        self.epoch = 0
+        self.epoch, self.skip_batches = 0, 0
         total = shards.num_samples
         if train:
             if epoch_batches is None:
@@ -112,9 +116,20 @@ class ShardStream(IterableDataset):
             self.per_rank = math.ceil(total / world_size)
             self.batches_per_rank = math.ceil(self.per_rank / batch_size)
 
-    def set_epoch(self, epoch: int) -> None:
-        """Select the epoch (shard order and shuffle depend on it); set before creating workers."""
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
+        """Select the epoch (shard order and shuffle depend on it); set before creating workers.
+
+        `skip_batches`: start that many batches into the epoch (a resumed job), which then yields
+        `batches_per_rank - skip_batches` batches. Skipped samples are read but not decoded.
+        """
+        if not 0 <= skip_batches <= self.batches_per_rank:
+            raise ValueError(f"skip_batches must be in [0, {self.batches_per_rank}], got {skip_batches}")
+        self.epoch, self.skip_batches = epoch, skip_batches
+
+    @property
+    def epoch_length(self) -> int:
+        """Batches this rank yields in the current epoch."""
+        return self.batches_per_rank - self.skip_batches
 
     # -- worker side -------------------------------------------------------------------------------------
 
@@ -123,9 +138,24 @@ class ShardStream(IterableDataset):
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         stats = dict.fromkeys(STAT_KEYS, 0)
         if self.train:
+            # The DataLoader takes one batch from each worker in turn, starting with worker 0; batch i of an
+            # epoch comes from (logical) worker i % W. A resumed epoch starts at batch `skip_batches`, so
+            # physical worker p plays logical worker (p + skip) % W and the order continues unchanged.
+            worker = (worker + self.skip_batches) % workers
             quota = self.batches_per_rank // workers + (worker < self.batches_per_rank % workers)
             slot, n_slots = self.rank * workers + worker, self.world_size * workers
-            items = self._train_items(slot, n_slots, stats)
+            if self.shards.counts is not None:  # this slot's own range of the epoch's samples
+                per = self.batches_per_rank
+                before = self.rank * per + worker * (per // workers) + min(worker, per % workers)
+                lo = before * self.batch_size
+                items = self._train_items(slot, n_slots, stats, (lo, lo + quota * self.batch_size))
+            else:
+                items = self._train_items(slot, n_slots, stats)
+            # of the first `skip_batches`, this logical worker had made every W-th: drop its share of samples
+            # before decoding
+            skip = max(0, (self.skip_batches - worker + workers - 1) // workers)
+            quota -= skip
+            items = self._decoded(itertools.islice(items, skip * self.batch_size, None), stats)
         else:
             b0 = worker * self.batches_per_rank // workers
             b1 = (worker + 1) * self.batches_per_rank // workers
@@ -178,9 +208,23 @@ class ShardStream(IterableDataset):
                     yield idx
                 g += 1
 
-    def _train_items(self, slot: int, n_slots: int, stats: dict[str, int]) -> Iterator[tuple[torch.Tensor, int]]:
-        raw = self._shuffled(self._train_raw(slot, n_slots, stats), _rng("buffer", self.seed, self.epoch, slot))
-        aug = _rng("augment", self.seed, self.epoch, slot)
+    def _train_items(
+        self, slot: int, n_slots: int, stats: dict[str, int], span: tuple[int, int] | None = None
+    ) -> Iterator[dict[str, Any]]:
+        """Raw (still encoded) training samples of one slot in their shuffled order."""
+        buffer_rng = _rng("buffer", self.seed, self.epoch, slot)
+        if span is None:
+            return self._shuffled(self._train_raw(slot, n_slots, stats), buffer_rng)
+        # the whole range through the shuffle buffer, then (only if samples were skipped) what follows
+        lo, hi = span
+        return itertools.chain(self._shuffled(self._positions(lo, hi, stats), buffer_rng),
+                               self._positions(hi, None, stats))
+
+    def _decoded(self, raw: Iterator[dict[str, Any]], stats: dict[str, int]) -> Iterator[tuple[torch.Tensor, int]]:
+        """Decoded (x, y) items; bad samples skipped and counted, a long run of them is an error."""
+        info = get_worker_info()
+        logical = (info.id + self.skip_batches) % info.num_workers if info is not None else 0
+        aug = _rng("augment", self.seed, self.epoch, self.rank, logical)
         bad_in_a_row = 0
         for sample in raw:
             try:
@@ -213,6 +257,41 @@ class ShardStream(IterableDataset):
                     f"no samples from {empty_in_a_row} shard reads in a row; last error: "
                     f"{getattr(self, 'last_error', 'shards are empty')}"
                 )
+
+    def _positions(self, lo: int, hi: int | None, stats: dict[str, int]) -> Iterator[dict[str, Any]]:
+        """Raw samples at positions [lo, hi) of the epoch's endless sequence (hi None: without end). Samples
+        missing from a short or unreadable shard are counted as skipped."""
+        counts = self.shards.counts or []
+        total = sum(counts)
+        if total <= 0:
+            raise RuntimeError("the shards hold no samples")
+        cycle = lo // total
+        g = cycle * total
+        empty_in_a_row, limit = 0, 2 * len(counts) + 2
+        while hi is None or g < hi:
+            perm = list(range(len(counts)))
+            _rng("shards", self.seed, self.epoch, cycle).shuffle(perm)
+            for index in perm:
+                s_lo, g = g, g + counts[index]
+                want_lo, want_hi = max(s_lo, lo), g if hi is None else min(g, hi)
+                if want_lo >= want_hi:
+                    continue
+                pos = want_lo
+                for i, sample in enumerate(self._read(index, stats, count_lost=False)):
+                    if s_lo + i < want_lo:
+                        continue
+                    if s_lo + i >= want_hi:
+                        break
+                    pos = s_lo + i + 1
+                    yield sample
+                stats["skipped"] += want_hi - pos
+                empty_in_a_row = 0 if pos > want_lo else empty_in_a_row + 1
+                if empty_in_a_row >= limit:
+                    raise RuntimeError(
+                        f"no samples from {empty_in_a_row} shard reads in a row; last error: "
+                        f"{getattr(self, 'last_error', 'shards are empty')}"
+                    )
+            cycle += 1
 
     def _shuffled(self, src: Iterator[dict[str, Any]], rng: random.Random) -> Iterator[dict[str, Any]]:
         """Shuffle buffer over raw (still encoded, so small) samples, as webdataset's: it starts yielding
@@ -297,14 +376,15 @@ class ShardLoader:
         self.stats: dict[str, int] = dict.fromkeys(STAT_KEYS, 0)
 
     def __len__(self) -> int:
+        """Batches of a full epoch (the first epoch of a resumed job yields fewer: `epoch_length`)."""
         return self.stream.batches_per_rank
 
     @property
     def epoch(self) -> int:
         return self.stream.epoch
 
-    def set_epoch(self, epoch: int) -> None:
-        self.stream.set_epoch(epoch)
+    def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
+        self.stream.set_epoch(epoch, skip_batches)
 
     @property
     def skipped(self) -> int:
@@ -325,6 +405,6 @@ class ShardLoader:
                 self.stats[k] += v
             n += 1
             yield self.make_batch(item["x"], item["y"])
-        if n != len(self):
-            raise RuntimeError(f"rank {self.stream.rank}: got {n} batches, expected {len(self)}")
+        if n != self.stream.epoch_length:
+            raise RuntimeError(f"rank {self.stream.rank}: got {n} batches, expected {self.stream.epoch_length}")
         self.stream.set_epoch(self.stream.epoch + 1)

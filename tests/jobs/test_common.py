@@ -125,7 +125,7 @@ class _CountingLoader:
     def __len__(self) -> int:
         return 4
 
-    def set_epoch(self, epoch: int) -> None:
+    def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
         pass
 
     def __iter__(self):

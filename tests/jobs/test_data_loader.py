@@ -54,6 +54,53 @@ def test_two_ranks_over_uneven_shards_yield_equal_batches(uneven, workers) -> No
     assert counts == [(132 // 16, 132 // 16)] * 4
 
 
+@pytest.mark.parametrize(("sizes", "world", "batch", "workers"), [
+    ([10] * 5, 2, 5, 0),  # 5 shards on 2 ranks: whole shards cannot be split evenly
+    ([10] * 5, 2, 5, 2),
+    ([37, 5, 90], 2, 8, 2),  # uneven shards
+    ([37, 5, 90], 3, 4, 0),
+])
+def test_a_training_epoch_reads_each_sample_at_most_once(tmp_path, sizes, world, batch, workers) -> None:
+    """Ranks × workers take disjoint ranges of the epoch: no sample twice, and all but fewer than
+    world·batch samples read (per-shard quotas would duplicate some samples and drop others)."""
+    write_shards(str(tmp_path), sizes)
+    for epoch in (0, 1):
+        ids = []
+        for rank in range(world):
+            loader = make_image_loader(str(tmp_path), image_size=32, batch_size=batch, rank=rank, world_size=world,
+                                       num_workers=workers, shuffle_buffer=16, timeout=60)
+            loader.set_epoch(epoch)
+            ids += run_epoch(loader)[1]
+        total = sum(sizes)
+        assert len(ids) == len(set(ids)) == (total // (world * batch)) * world * batch
+        assert total - len(ids) < world * batch
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_resumed_epoch_continues_with_the_same_batches(uneven, workers) -> None:
+    """Resuming k batches into an epoch (deep ones too: no limit) gives the uninterrupted epoch's remaining
+    batches, in order; the skipped part is read but never decoded."""
+    from jobs.common import TrainBatches
+
+    def batches(skip: int | None) -> list[list[int]]:
+        loader = make_image_loader(str(uneven), image_size=32, batch_size=4, rank=1, world_size=2,
+                                   num_workers=workers, shuffle_buffer=16, timeout=60)
+        if skip is None:
+            return [sample_ids(b.images) for b in loader]
+        it = TrainBatches(loader, start_step=len(loader) + skip)  # epoch 1 in the loader's numbering
+        return [sample_ids(next(it).images) for _ in range(len(loader) - skip)] + [sample_ids(next(it).images)]
+
+    full = make_image_loader(str(uneven), image_size=32, batch_size=4, rank=1, world_size=2,
+                             num_workers=workers, shuffle_buffer=16, timeout=60)
+    full.set_epoch(1)
+    epoch1 = [sample_ids(b.images) for b in full]
+    epoch2_first = sample_ids(next(iter(full)).images)  # the loader moved on to epoch 2 by itself
+    for skip in (0, 3, len(epoch1) - 1):
+        got = batches(skip)
+        assert got[:-1] == epoch1[skip:], skip
+        assert got[-1] == epoch2_first  # and then on into the next epoch
+
+
 def test_fewer_shards_than_ranks_and_workers(tmp_path) -> None:
     write_shards(str(tmp_path), [20])
     for rank in range(3):
@@ -93,7 +140,8 @@ def test_images_are_floats_in_range_at_the_job_size(uneven) -> None:
         images, labels = next(iter(loader))
         assert images.shape == (4, 3, size, size) and images.dtype == torch.float32
         assert labels.dtype == torch.long and images.min() >= -1 and images.max() <= 1
-    cifar = make_image_loader(str(uneven), image_size=32, batch_size=4, num_workers=0, epoch_batches=1)
+    # 64 of the 132 samples: some have a channel at 8/255 (→ -0.94), some above 128/255
+    cifar = make_image_loader(str(uneven), image_size=32, batch_size=64, num_workers=0, epoch_batches=1)
     images, _ = next(iter(cifar))
     assert images.min() < -0.9 and images.max() > 0.0  # mapped to [-1, 1], not [0, 1]
 
