@@ -24,6 +24,7 @@ from service.ray_client import (
     STATE_OF_RAY,
     RayJobNotFound,
     RayJobs,
+    RaySubmitRejected,
     RayUnavailable,
     entrypoint,
     eta_seconds,
@@ -106,6 +107,10 @@ class JobManager:
                 command = entrypoint(self.settings.entrypoint_python, job.id)
                 try:
                     self.ray.submit(job.id, command, self.job_env(job), self.settings.runtime_env)
+                except RaySubmitRejected as e:  # would fail the same way forever, and hold up the queue
+                    store.update_job(db, job, state="failed", ended_at=store.utcnow(),
+                                     failure_reason=f"Ray refused the job: {e}"[:4000])  # fmt: skip
+                    continue
                 except RayUnavailable as e:
                     log.warning("job %s stays queued: %s", job.id, e)
                     break

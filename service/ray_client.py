@@ -33,6 +33,10 @@ class RayUnavailable(RuntimeError):
     """The Ray Jobs API did not answer; jobs stay as they are in the store until it does."""
 
 
+class RaySubmitRejected(RuntimeError):
+    """Ray refused a submission as invalid (HTTP 4xx, or the client's own checks): retrying cannot help."""
+
+
 class RayJobNotFound(LookupError):
     """Ray has no job with this submission id (not submitted yet, or its head was replaced)."""
 
@@ -153,6 +157,8 @@ class RayJobs:
             ):
                 raise RayJobNotFound(text) from e
             raise RayUnavailable(text) from e
+        except (ValueError, TypeError) as e:  # the client's own checks of the request (e.g. runtime_env)
+            raise RaySubmitRejected(f"Ray refused the request: {e}") from e
         except Exception as e:  # requests' connection errors and the like
             raise RayUnavailable(f"Ray Jobs API at {self.address}: {e}") from e
 
@@ -166,6 +172,8 @@ class RayJobs:
         except RayUnavailable as e:
             if "already exists" in str(e):
                 return
+            if re.search(r"status code 4\d\d\b", str(e)):  # a bad request, not an outage
+                raise RaySubmitRejected(str(e)) from e
             raise
 
     def info(self, job_id: str) -> RayJobInfo:

@@ -9,7 +9,7 @@ import pytest
 from service import manager as manager_module
 from service import store
 from service.manager import JobManager
-from service.ray_client import RayJobInfo, RayUnavailable
+from service.ray_client import RayJobInfo, RaySubmitRejected, RayUnavailable
 from service.settings import Settings
 from tests.service.conftest import TOKENS
 
@@ -20,6 +20,8 @@ class FlakyRay:
     def __init__(self) -> None:
         self.down = False
         self.stops: list[str] = []
+        self.submitted: list[str] = []
+        self.reject: set[str] = set()
         self.on_submit = None
 
     def _check(self) -> None:
@@ -28,6 +30,9 @@ class FlakyRay:
 
     def submit(self, job_id, command, env, runtime_env) -> None:
         self._check()
+        if job_id in self.reject:
+            raise RaySubmitRejected("Request failed with status code 400: invalid runtime_env")
+        self.submitted.append(job_id)
         if self.on_submit:
             self.on_submit(job_id)
 
@@ -133,3 +138,14 @@ def test_a_hanging_mlflow_lookup_never_stalls_the_dispatcher(setup, monkeypatch)
         time.sleep(0.05)
     with sessions() as db:
         assert store.get_job(db, job_id).run_id == "run-1"
+
+
+def test_a_job_ray_refuses_fails_with_the_reason_and_does_not_hold_up_the_queue(setup):
+    manager, sessions, ray = setup
+    bad, good = _new_job(sessions), _new_job(sessions)
+    ray.reject.add(bad)
+    assert manager.dispatch() == 1
+    with sessions() as db:
+        job = store.get_job(db, bad)
+        assert job.state == "failed" and "invalid runtime_env" in job.failure_reason
+    assert ray.submitted == [good]

@@ -64,7 +64,7 @@ def test_ray_errors_are_classified_by_status_not_by_digits_in_ids():
     """'already exists' is never "not found" even when the id holds 404; a 404 status is; others mean Ray is down."""
     import pytest
 
-    from service.ray_client import RayJobNotFound, RayJobs, RayUnavailable
+    from service.ray_client import RayJobNotFound, RayJobs, RaySubmitRejected, RayUnavailable
 
     class Client:  # raises what ray.job_submission.JobSubmissionClient raises
         def __init__(self, message: str) -> None:
@@ -74,6 +74,19 @@ def test_ray_errors_are_classified_by_status_not_by_digits_in_ids():
             raise RuntimeError(self.message)
 
     ray = RayJobs("http://127.0.0.1:1")
+
+    class Submitting(Client):
+        def submit_job(self, **kwargs):
+            raise RuntimeError(self.message)
+
+    ray._client = Submitting("Request failed with status code 400: Job with submission_id vq-1 already exists.")
+    ray.submit("vq-1", "true", {}, {})  # idempotent: counts as submitted
+    ray._client = Submitting("Request failed with status code 400: bad runtime_env field 'pipp'")
+    with pytest.raises(RaySubmitRejected):
+        ray.submit("vq-2", "true", {}, {})
+    ray._client = Submitting("Request failed with status code 503: head is restarting")
+    with pytest.raises(RayUnavailable):
+        ray.submit("vq-3", "true", {}, {})
     cases = [
         ("Request failed with status code 400: Job with submission_id vq-a404b already exists.", RayUnavailable),
         ("Request failed with status code 404: Job vq-1 does not exist.", RayJobNotFound),

@@ -76,3 +76,15 @@ def test_cancel_a_running_job(live, make_settings, shards, tmp_path, backends):
         d = wait_for(c, job_id, ("cancelled",), timeout=60)
         assert d["ended_at"] and d["failure_reason"] == "cancelled by request"
     assert RayJobs(backends.ray_address).info(job_id).status == "STOPPED"
+
+
+def test_ray_refusing_a_submission_is_told_apart_from_ray_being_away(backends):
+    """A submission Ray rejects as invalid is permanent (the job fails with Ray's reason), unlike an outage."""
+    import uuid
+
+    from service.ray_client import RaySubmitRejected, RayUnavailable
+
+    with pytest.raises(RaySubmitRejected):
+        RayJobs(backends.ray_address).submit(f"vq-bad-{uuid.uuid4().hex[:6]}", "true", {}, {"pip": 123})
+    with pytest.raises(RayUnavailable):
+        RayJobs("http://127.0.0.1:9").submit(f"vq-x-{uuid.uuid4().hex[:6]}", "true", {}, {})
