@@ -76,17 +76,24 @@ class ProgressPrinter:
 
 class Progress:
     """Rank 0 side: throttled progress records (every `interval` s and at the last step): step, total,
-    metrics, images/s and the record's `time` (unix seconds)."""
+    metrics, images/s and the record's `time` (unix seconds).
 
-    def __init__(self, sink: Any, total: int, worker: Worker, interval: float = 0.5):
+    The records go to the job's log, which the service re-reads to show progress; so that a long job's log
+    stays small, the interval grows with the job's age (1/60 of it) up to `max_interval`.
+    """
+
+    def __init__(self, sink: Any, total: int, worker: Worker, interval: float = 0.5, max_interval: float = 10.0):
         self.sink, self.total, self.worker, self.interval = sink, total, worker, interval
+        self.max_interval = max(interval, max_interval)
         self._last = 0.0
+        self._start = time.monotonic()
 
     def update(self, step: int, metrics: dict[str, float], images_per_s: float | None, force: bool = False) -> None:
         if not self.worker.is_main:
             return
         now = time.monotonic()
-        if not force and step < self.total and now - self._last < self.interval:
+        wait = min(self.max_interval, max(self.interval, (now - self._start) / 60)) if self.interval else 0.0
+        if not force and step < self.total and now - self._last < wait:
             return
         self._last = now
         item = {

@@ -56,6 +56,7 @@ class JobManager:
         self._last_run_lookup: dict[str, float] = {}
         self._run_lookups: dict[str, Any] = {}  # job id -> MLflow lookup in flight (a Future)
         self._last_stop: dict[str, float] = {}
+        self._log_bytes: dict[str, int] = {}  # size of each running job's log at its last read
         # jobs cancelled while being submitted whose stop did not reach Ray (the store has them cancelled)
         self._pending_stops: set[str] = set()
 
@@ -165,13 +166,18 @@ class JobManager:
             values["started_at"] = _ts(info.start_time)
         if state in store.TERMINAL:
             values["ended_at"] = _ts(info.end_time) or store.utcnow()
-        if force_logs or state in store.TERMINAL or now - self._last_logs.get(job.id, 0) >= LOG_REFRESH_S:
+        # the whole log comes back each time: a long one is re-read less often (every 3 s per MB)
+        every = LOG_REFRESH_S * max(1.0, self._log_bytes.get(job.id, 0) / 1e6)
+        if force_logs or state in store.TERMINAL or now - self._last_logs.get(job.id, 0) >= every:
             self._last_logs[job.id] = now
-            values |= self._from_logs(job, self.ray.logs(job.id), state, info.message)
+            text = self.ray.logs(job.id)
+            self._log_bytes[job.id] = len(text)
+            values |= self._from_logs(job, text, state, info.message)
         if state == "running" and not (values.get("run_url") or job.run_url):
             values |= self._run_lookup(job)
         if state in store.TERMINAL:
             self._last_logs.pop(job.id, None)
+            self._log_bytes.pop(job.id, None)
             self._last_run_lookup.pop(job.id, None)
             self._run_lookups.pop(job.id, None)
             self._last_stop.pop(job.id, None)

@@ -66,3 +66,26 @@ def test_only_the_last_evaluation_is_kept_as_final_json() -> None:
     log_eval(env, 20, {"eval/psnr": 21.0}, last=True)
     assert json.loads(env.run.texts["eval/final.json"]) == {"step": 20, "eval/psnr": 21.0}
     assert [s for _, s in env.run.metrics] == [10, 20]
+
+
+def test_records_thin_out_as_a_job_ages(monkeypatch, capsys) -> None:
+    """A long job's log (re-read by the service) stays small: after 10 minutes, one record per 10 s."""
+    from jobs import progress as progress_module
+
+    clock = [1000.0]
+    monkeypatch.setattr(progress_module.time, "monotonic", lambda: clock[0])
+    p = Progress(None, total=10**6, worker=Worker(0, 1, 0, torch.device("cpu")), interval=0.5)
+
+    def records_over(seconds: float) -> int:
+        capsys.readouterr()  # forget earlier output
+        end = clock[0] + seconds
+        step = 0
+        while clock[0] < end:
+            step += 1
+            p.update(step, {}, None)
+            clock[0] += 0.1
+        return capsys.readouterr().out.count(PROGRESS_PREFIX)
+
+    assert 18 <= records_over(10) <= 21  # young: every 0.5 s
+    clock[0] += 3600
+    assert 5 <= records_over(60) <= 7  # an hour old: every 10 s
