@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import os
 import typing
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -235,7 +236,8 @@ MAX_SPEC_JSON_BYTES = 96 * 1024  # a spec reaches the job as one environment var
 
 def check_spec_size(spec: JobSpec) -> None:
     """Refuse a spec whose JSON form cannot reach a job: Linux caps one argument or variable at 128 KiB."""
-    size = len(spec.model_dump_json())
+    # measured as it travels: compact JSON with non-ASCII escaped (\uXXXX), which is one byte a character
+    size = len(json.dumps(spec.model_dump(mode="json"), separators=(",", ":")))
     if size > MAX_SPEC_JSON_BYTES:
         raise SpecError([{"loc": "", "msg": f"the spec is {size} bytes as JSON, over the limit of "
                           f"{MAX_SPEC_JSON_BYTES}: list shards in a manifest or a brace pattern instead"}])
@@ -341,8 +343,9 @@ def check_allowed_roots(spec: JobSpec, roots: Iterable[str | Path], base: str | 
     base_dir = Path(base or Path.cwd())
     errors = []
     for loc, path in local_paths(spec):
-        if ".." in Path(path).parts:  # a '..' after a pattern character would escape the prefix check
-            errors.append({"loc": loc, "msg": f"local path {path!r} must not contain '..'"})
+        cut = min([i for i in (path.find(c) for c in "{*?[") if i >= 0], default=len(path))
+        if ".." in Path(path[cut:]).parts:  # after a pattern character it would escape the prefix check
+            errors.append({"loc": loc, "msg": f"local path {path!r} must not contain '..' after a pattern"})
             continue
         p = _static_prefix(path).expanduser()
         p = (p if p.is_absolute() else base_dir / p).resolve()
@@ -362,7 +365,8 @@ def absolute_paths(spec: JobSpec, base: str | Path) -> JobSpec:
         if isinstance(v, list):
             return [fix(x) for x in v]
         if isinstance(v, str) and not _SCHEME.match(v) and not v.startswith(("/", "~")):
-            return str(base_dir / v)
+            full = str(base_dir / v)  # `../x` collapsed where no pattern follows (patterns are left as written)
+            return os.path.normpath(full) if not any(c in full for c in "{*?[") else full
         return v
 
     data["data"]["train"] = fix(data["data"]["train"])

@@ -145,8 +145,10 @@ class RunLogger:
         self.logged_through = int(logged) if logged and logged.lstrip("-").isdigit() else -1
         self.replayed_through = self.logged_through  # steps a restart replays; fixed for this logger's life
 
-    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        if step <= self.replayed_through:  # replayed after a restart: already in the run
+    def log_metrics(self, metrics: dict[str, float], step: int, replay: bool = True) -> None:
+        """Buffer metrics at `step`; `replay=False` for a record that is new even at a replayed step
+        (`train/resumed_from`)."""
+        if replay and step <= self.replayed_through:  # replayed after a restart: already in the run
             return
         now_ms = int(time.time() * 1000)
         for key, value in metrics.items():

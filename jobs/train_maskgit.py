@@ -71,7 +71,7 @@ def train_loop(config: dict[str, Any]) -> None:
         prec.scaler.load_state_dict(state["scaler"])
         step, skipped_before = int(state["step"]), int(state.get("skipped_samples", 0))
         if env.run is not None:
-            env.run.log_metrics({"train/resumed_from": step}, step)
+            env.run.log_metrics({"train/resumed_from": step}, step, replay=False)
 
     def checkpoint_state() -> dict[str, Any]:
         return {"model": net.state_dict(), "optimizer": opt.state_dict(), "scaler": prec.scaler.state_dict(),

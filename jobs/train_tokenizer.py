@@ -76,7 +76,7 @@ def train_loop(config: dict[str, Any]) -> None:
             dprec.scaler.load_state_dict(state["disc_scaler"])
         step, skipped_before = int(state["step"]), int(state.get("skipped_samples", 0))
         if env.run is not None:
-            env.run.log_metrics({"train/resumed_from": step}, step)
+            env.run.log_metrics({"train/resumed_from": step}, step, replay=False)
 
     def checkpoint_state() -> dict[str, Any]:
         return {

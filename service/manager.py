@@ -57,8 +57,6 @@ class JobManager:
         self._run_lookups: dict[str, Any] = {}  # job id -> MLflow lookup in flight (a Future)
         self._last_stop: dict[str, float] = {}
         self._log_bytes: dict[str, int] = {}  # size of each running job's log at its last read
-        # jobs cancelled while being submitted whose stop did not reach Ray (the store has them cancelled)
-        self._pending_stops: set[str] = set()
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -116,28 +114,30 @@ class JobManager:
                     log.warning("job %s stays queued: %s", job.id, e)
                     break
                 if not store.mark_submitted(db, job.id):  # cancelled while we were submitting
-                    self._send_stop(job.id)
+                    store.update_job(db, job, ray_status=store.STOP_PENDING)  # remembered until Ray has it
+                    if self._send_stop(job.id):
+                        store.update_job(db, job, ray_status="STOPPED")
                 sent += 1
         return sent
 
     # ------------------------------------------------------------------ reconcile
 
     def _send_stop(self, job_id: str) -> bool:
-        """Ask Ray to stop a job; if Ray is away, remember it and try again at the next reconcile."""
+        """Ask Ray to stop a job; False (logged) if Ray is away: the caller's record makes it try again."""
         self._last_stop[job_id] = time.monotonic()
         try:
             self.ray.stop(job_id)
         except RayUnavailable as e:
-            self._pending_stops.add(job_id)
             log.warning("stop of %s not delivered yet: %s", job_id, e)
             return False
-        self._pending_stops.discard(job_id)
         return True
 
     def reconcile_all(self) -> None:
-        for job_id in sorted(self._pending_stops):
-            if not self._send_stop(job_id):
-                return
+        with self.sessions() as db:
+            for job in store.pending_stops(db):
+                if not self._send_stop(job.id):
+                    return
+                store.update_job(db, job, ray_status="STOPPED")
         with self.sessions() as db:
             for job in store.active_submitted(db):
                 try:
@@ -231,10 +231,9 @@ class JobManager:
             experiment = (job.spec.get("tracking") or {}).get("experiment", "vqtrain")
             self._run_lookups[job.id] = registry.submit(registry.find_job_run, self.mlflow_uri, experiment, job.id)
             return {}
-        if not pending.done():
+        if not pending.done() or self._run_lookups.pop(job.id, None) is not pending:  # another thread took it
             return {}
         self._last_run_lookup[job.id] = now
-        del self._run_lookups[job.id]
         try:
             found = pending.result()
         except Exception as e:  # MLflow down must not break status reads

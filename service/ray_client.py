@@ -157,8 +157,6 @@ class RayJobs:
             ):
                 raise RayJobNotFound(text) from e
             raise RayUnavailable(text) from e
-        except (ValueError, TypeError) as e:  # the client's own checks of the request (e.g. runtime_env)
-            raise RaySubmitRejected(f"Ray refused the request: {e}") from e
         except Exception as e:  # requests' connection errors and the like
             raise RayUnavailable(f"Ray Jobs API at {self.address}: {e}") from e
 
@@ -166,13 +164,19 @@ class RayJobs:
         """Submit under `job_id`; an existing Ray job with that id counts as submitted (idempotent)."""
         renv = dict(runtime_env)
         renv["env_vars"] = {**runtime_env.get("env_vars", {}), **env}
+        try:  # the checks Ray's client makes before sending: a bad runtime_env can never be submitted
+            from ray.runtime_env import RuntimeEnv
+
+            RuntimeEnv(**renv)
+        except (ValueError, TypeError) as e:
+            raise RaySubmitRejected(f"invalid runtime_env: {e}") from e
         try:
             self._call("submit_job", entrypoint=command, submission_id=job_id, runtime_env=renv,
                        entrypoint_num_cpus=0, metadata={"vqtrain_job_id": job_id})  # fmt: skip
         except RayUnavailable as e:
             if "already exists" in str(e):
                 return
-            if re.search(r"status code 4\d\d\b", str(e)):  # a bad request, not an outage
+            if re.search(r"status code (400|413|422)\b", str(e)):  # a bad request (408/429 are transient)
                 raise RaySubmitRejected(str(e)) from e
             raise
 

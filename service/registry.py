@@ -29,9 +29,11 @@ def call_with_deadline(fn: Any, *args: Any, deadline: float | None = None) -> An
     """fn(*args) on the MLflow pool; TimeoutError if it takes longer than `deadline` (default
     `MLFLOW_DEADLINE_S`) seconds."""
     deadline = MLFLOW_DEADLINE_S if deadline is None else deadline
+    future = _POOL.submit(fn, *args)
     try:
-        return _POOL.submit(fn, *args).result(timeout=deadline)
+        return future.result(timeout=deadline)
     except concurrent.futures.TimeoutError:
+        future.cancel()  # still queued behind hung calls: never started, so no backlog builds up
         raise TimeoutError(f"no answer from MLflow within {deadline:.0f} s") from None
 
 

@@ -147,6 +147,14 @@ def active_submitted(db: Session) -> list[Job]:
     return list(db.scalars(select(Job).where(Job.state.in_(ACTIVE), Job.submitted.is_(True))).all())
 
 
+STOP_PENDING = "STOP_PENDING"  # ray_status of a job cancelled while it was being submitted, not yet stopped
+
+
+def pending_stops(db: Session) -> list[Job]:
+    """Jobs whose stop has yet to reach Ray (kept in the store so a service restart cannot lose them)."""
+    return list(db.scalars(select(Job).where(Job.ray_status == STOP_PENDING)).all())
+
+
 def count_active_submitted(db: Session) -> int:
     return db.scalar(select(func.count()).where(Job.state.in_(ACTIVE), Job.submitted.is_(True))) or 0
 

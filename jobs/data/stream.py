@@ -33,6 +33,10 @@ from jobs.data.tario import ShardReadError, read_shard
 log = logging.getLogger(__name__)
 
 STAT_KEYS = ("samples", "skipped", "bad_shards", "retries")
+# A resumed epoch replays (reads without decoding) up to this many samples per worker to continue exactly
+# where it stopped; deeper in, it seeks to its position (the shuffle buffer's content at the cut is not
+# restored: up to a buffer's worth of samples is seen twice or not at all in that epoch).
+RESUME_REPLAY_SAMPLES = 50_000
 
 
 class SampleDecoder(Protocol):
@@ -120,7 +124,8 @@ class ShardStream(IterableDataset):
         """Select the epoch (shard order and shuffle depend on it); set before creating workers.
 
         `skip_batches`: start that many batches into the epoch (a resumed job), which then yields
-        `batches_per_rank - skip_batches` batches. Skipped samples are read but not decoded.
+        `batches_per_rank - skip_batches` batches. Skipped samples are read but not decoded, up to
+        RESUME_REPLAY_SAMPLES per worker; beyond that a worker seeks to its position (with a manifest).
         """
         if not 0 <= skip_batches <= self.batches_per_rank:
             raise ValueError(f"skip_batches must be in [0, {self.batches_per_rank}], got {skip_batches}")
@@ -144,18 +149,21 @@ class ShardStream(IterableDataset):
             worker = (worker + self.skip_batches) % workers
             quota = self.batches_per_rank // workers + (worker < self.batches_per_rank % workers)
             slot, n_slots = self.rank * workers + worker, self.world_size * workers
+            # of the first `skip_batches`, this logical worker had made every W-th
+            skip = max(0, (self.skip_batches - worker + workers - 1) // workers)
+            skip_samples = skip * self.batch_size
             if self.shards.counts is not None:  # this slot's own range of the epoch's samples
                 per = self.batches_per_rank
                 before = self.rank * per + worker * (per // workers) + min(worker, per % workers)
                 lo = before * self.batch_size
-                items = self._train_items(slot, n_slots, stats, (lo, lo + quota * self.batch_size))
+                hi = lo + quota * self.batch_size
+                if skip_samples > RESUME_REPLAY_SAMPLES:  # deep resume: seek instead of replaying
+                    lo, skip_samples = lo + skip_samples, 0
+                items = self._train_items(slot, n_slots, stats, (lo, hi))
             else:
                 items = self._train_items(slot, n_slots, stats)
-            # of the first `skip_batches`, this logical worker had made every W-th: drop its share of samples
-            # before decoding
-            skip = max(0, (self.skip_batches - worker + workers - 1) // workers)
             quota -= skip
-            items = self._decoded(itertools.islice(items, skip * self.batch_size, None), stats)
+            items = self._decoded(_drop(items, skip_samples, stats), stats)
         else:
             b0 = worker * self.batches_per_rank // workers
             b1 = (worker + 1) * self.batches_per_rank // workers
@@ -347,6 +355,18 @@ class ShardStream(IterableDataset):
                 yield self.decode.placeholder(), -1
         for _ in range((hi - lo) - (g_hi - g_lo)):  # padding beyond this rank's real samples
             yield self.decode.placeholder(), -1
+
+
+def _drop(items: Iterator[dict[str, Any]], n: int, stats: dict[str, int]) -> Iterator[dict[str, Any]]:
+    """`items` without its first n (a resumed epoch's used part: read, not decoded). What reading them ran
+    into was counted before the checkpoint, so it is not counted again."""
+    items = iter(items)
+    if n:
+        saved = dict(stats)
+        for _ in itertools.islice(items, n):
+            pass
+        stats.update(saved)
+    yield from items
 
 
 def identity_collate(batch: Any) -> Any:

@@ -101,6 +101,29 @@ def test_a_resumed_epoch_continues_with_the_same_batches(uneven, workers) -> Non
         assert got[-1] == epoch2_first  # and then on into the next epoch
 
 
+def test_a_deep_resume_seeks_instead_of_replaying(uneven, monkeypatch) -> None:
+    """Past RESUME_REPLAY_SAMPLES a worker jumps to its position: the rest of the epoch is new samples, bar at
+    most a shuffle buffer's worth that the cut caught in the buffer."""
+    from jobs.common import TrainBatches
+    from jobs.data import stream
+
+    monkeypatch.setattr(stream, "RESUME_REPLAY_SAMPLES", 8)  # in-process loader (num_workers=0)
+
+    def loader():
+        return make_image_loader(str(uneven), image_size=32, batch_size=4, rank=1, world_size=2,
+                                 num_workers=0, shuffle_buffer=16, timeout=60)
+
+    full = loader()
+    full.set_epoch(1)
+    epoch1 = [sample_ids(b.images) for b in full]
+    skip = 10  # 40 samples > 8: seek
+    it = TrainBatches(loader(), start_step=len(epoch1) + skip)
+    rest = [i for _ in range(len(epoch1) - skip) for i in sample_ids(next(it).images)]
+    used = {i for b in epoch1[:skip] for i in b}
+    assert len(rest) == len(set(rest)) and set(rest) <= {i for b in epoch1 for i in b}
+    assert len(used & set(rest)) <= 16
+
+
 def test_fewer_shards_than_ranks_and_workers(tmp_path) -> None:
     write_shards(str(tmp_path), [20])
     for rank in range(3):

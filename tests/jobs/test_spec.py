@@ -221,11 +221,16 @@ def test_allowed_roots(tmp_path):
     with pytest.raises(SpecError) as ei:
         check_allowed_roots(parse_spec(base(data={"train": "c10"}, checkpoint={"storage": "/ckpt"})), [root], base=root)
     assert [e["loc"] for e in ei.value.errors] == ["checkpoint.storage"]
-    # '..' after a pattern character is invisible to a prefix check: refused wherever it appears
+    # '..' before any pattern is resolved and checked like the rest (the CLI sends `spec-dir/../shards`)
+    check_allowed_roots(parse_spec(base(data={"train": f"{root}/sub/../c10/x-{{0..3}}.tar"})), [root])
+    # '..' after a pattern character is invisible to a prefix check: refused
     for sneaky in [f"{root}/*/../../../etc", f"{root}/[x]/../../home/.ssh", f"{root}/{{a,b}}/../../x"]:
         with pytest.raises(SpecError) as ei:
             check_allowed_roots(parse_spec(base(data={"train": str(root)}, checkpoint={"storage": sneaky})), [root])
         assert [e["loc"] for e in ei.value.errors] == ["checkpoint.storage"] and "'..'" in ei.value.errors[0]["msg"]
+    for example in ("maskgit.yaml", "tokenize.yaml", "demo-cifar.yaml", "tokenizer-cifar-local.yaml"):
+        spec = absolute_paths(load_spec(REPO / "examples" / example), REPO / "examples")  # what `vqtrain submit` sends
+        check_allowed_roots(spec, [REPO], base=REPO)
 
 
 def test_absolute_paths(tmp_path):

@@ -99,8 +99,11 @@ def test_a_job_cancelled_while_being_submitted_is_stopped_once_ray_is_back(setup
         assert store.get_job(db, job_id).state == "cancelled"
     assert ray.stops == []
     ray.down = False
-    manager.reconcile_all()
+    restarted = JobManager(manager.settings, sessions, ray, None)  # the pending stop is in the store
+    restarted.reconcile_all()
     assert ray.stops == [job_id]
+    restarted.reconcile_all()
+    assert ray.stops == [job_id]  # delivered once
 
 
 def test_a_hanging_mlflow_lookup_never_stalls_the_dispatcher(setup, monkeypatch):
