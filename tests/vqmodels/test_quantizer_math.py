@@ -385,3 +385,33 @@ def test_fused_straight_through_equals_composed(beta, w_cb, nu):
         results.append((out.detach(), loss.detach(), zz.grad, cc.grad))
     for a, b in zip(*results, strict=True):
         assert torch.allclose(a, b, atol=1e-12)
+
+
+@pytest.mark.parametrize("preset", ["default", "ema", "plain", "rotation", "simvq", "huh2023"])
+def test_a_training_step_never_waits_for_the_device(preset):
+    """No value is read back to the host in a forward + backward (outside k-means init and replacement
+    steps): on a GPU each such read (`.item()`, `int(tensor)`, `bincount`, `nonzero`) stalls the pipeline."""
+    import collections
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.seen: collections.Counter = collections.Counter()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.seen[func.__name__.split(".")[0]] += 1
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(0)
+    q = VectorQuantizer(8, 64, preset=preset, replace_every=10)
+    z = torch.randn(256, 8, requires_grad=True)
+    for _ in range(3):  # k-means init happens here
+        q(z)
+    ops = Ops()
+    with ops:
+        out = q(z)
+        (out.loss + out.z_q.sum()).backward()
+    waits = {k: v for k, v in ops.seen.items() if k in ("_local_scalar_dense", "bincount", "nonzero", "item")}
+    assert waits == {}, waits

@@ -155,8 +155,9 @@ class Codebook(nn.Module):
         With `weights` (code counts) the codebook's statistics are usage-weighted, i.e. those of z_q;
         with `err` (per-feature E(z - z_q)^2) the target variance is Var(z) - err, which is what the
         codebook has at a k-means fixed point (Var z = Var z_q + E(z - z_q)^2 per feature)."""
-        if n.item() == 0:
-            return
+        # device-side throughout (no .item(): a sync per step on a GPU): nothing changes when n == 0
+        has = n > 0
+        n = n.clamp_min(1)
         mean = z_sum / n
         var = (z_sqsum / n - mean.pow(2)).clamp_min(0.0)
         if err is not None:
@@ -169,9 +170,9 @@ class Codebook(nn.Module):
             c_var = (w * (raw - c_mean[:, None]).pow(2)).sum(1)
         else:
             c_mean, c_var = raw.mean(1), raw.var(1, unbiased=False)
-        m = 1.0 if not bool(self.stats_ready) else self.opts.affine_momentum
+        m = torch.where(self.stats_ready, self.opts.affine_momentum, 1.0) * has
         self.z_mean.lerp_(mean, m)
         self.z_var.lerp_(var, m)
         self.c_mean.lerp_(c_mean, m)
         self.c_var.lerp_(c_var, m)
-        self.stats_ready.fill_(True)
+        self.stats_ready |= has

@@ -30,6 +30,12 @@ from vqmodels.quantize.options import QuantizerOptions, resolve_options
 NEVER = -(2**40)  # "last used" step of a code that was never used
 
 
+def code_counts(idx: torch.Tensor, k: int) -> torch.Tensor:
+    """Uses of each of k codes (long). Unlike `bincount`, which sizes its output from the data's maximum,
+    this never waits for the GPU."""
+    return torch.zeros(k, dtype=torch.long, device=idx.device).index_add_(0, idx, torch.ones_like(idx))
+
+
 class QuantizerOutput(NamedTuple):
     z_q: torch.Tensor  # quantised vectors, shaped like the input
     indices: torch.Tensor  # long, input shape without the feature dimension
@@ -68,6 +74,7 @@ class VectorQuantizer(nn.Module):
             # reduced with the next step's input statistics (one collective)
             self.register_buffer("pending", torch.zeros(codebook_size + dim + 1), persistent=False)
         self._init_done = not o.kmeans_init
+        self._step = 0  # `step` mirrored on the host: reading the buffer would wait for the GPU every forward
         self._window_start = 0  # step the current replacement window began (at 0, a replacement, a resume)
         self._resumed = False  # state was loaded: the next training forward starts a fresh window
         self._synced = False  # rank 0's random init is broadcast at the first training forward
@@ -99,6 +106,7 @@ class VectorQuantizer(nn.Module):
                 if self._resumed:
                     self._start_window_after_resume()
                 self.step += 1
+                self._step += 1
                 if not self._init_done:
                     self._kmeans_init(flat.detach())
                 if o.affine == "running":
@@ -122,7 +130,7 @@ class VectorQuantizer(nn.Module):
                 loss, mse = self._loss(flat, z_q, cb_weight)
                 out = rotation_trick(flat, z_q) if o.estimator == "rotation" else straight_through(flat, z_q)
                 out = synchronised(out, z_q, o.sync_nu)
-            counts = torch.bincount(idx, minlength=self.codebook_size)
+            counts = code_counts(idx, self.codebook_size)
             replaced = torch.zeros((), dtype=torch.long, device=z.device)
             if training:
                 with torch.no_grad():
@@ -132,7 +140,7 @@ class VectorQuantizer(nn.Module):
                     if o.update == "ema":
                         self._ema_update(flat.detach(), idx, counts)
                     self._track_usage(counts)
-                    if o.replace_every and int(self.step) % o.replace_every == 0:
+                    if o.replace_every and self._step % o.replace_every == 0:
                         replaced = self._replace_dead(flat.detach())
             metrics = self._metrics(mse * self.dim, counts, replaced)
         return QuantizerOutput(out.view(z.shape).to(z.dtype), idx.view(z.shape[:-1]), loss, metrics)
@@ -158,7 +166,7 @@ class VectorQuantizer(nn.Module):
             return
         centres = torch.empty(self.codebook_size, self.dim, device=z.device)
         if dist.rank() == 0:
-            gen = torch.Generator().manual_seed(int(self.step))
+            gen = torch.Generator().manual_seed(self._step)
             centres = kmeans(pool, self.codebook_size, o.kmeans_iters, o.distance == "cosine", gen, o.chunk_size)
         dist.broadcast_(centres)
         self.codebook.set_all(centres)
@@ -174,6 +182,7 @@ class VectorQuantizer(nn.Module):
         syncs parameters at wrap time but not buffers with broadcast_buffers=False."""
         for t in [*self.parameters(), *self.buffers()]:
             dist.broadcast_(t.data)
+        self._step = int(self.step)
         self._synced = True
 
     @torch.no_grad()
@@ -240,7 +249,7 @@ class VectorQuantizer(nn.Module):
         with torch.enable_grad():
             err = (F.embedding(idx, self.effective_codebook()) - z).pow(2).sum() * 0.5
             grads = torch.autograd.grad(err, params, allow_unused=True)
-        counts = torch.bincount(idx, minlength=self.codebook_size).to(z.dtype)
+        counts = code_counts(idx, self.codebook_size).to(z.dtype)
         flat = [(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(grads, params, strict=True)]
         packed = dist.all_reduce_(torch.cat([*flat, counts]))
         curvature = self.codebook.gauss_newton_diag(packed[-self.codebook_size :])
@@ -264,9 +273,9 @@ class VectorQuantizer(nn.Module):
         it) and no window counts: judged on that, a resumed run would replace a burst of live codes. So every
         code counts as used at the resume step and the window restarts there (same on every rank: all load
         the same checkpoint)."""
-        self.last_used.clamp_(min=int(self.step))
+        self.last_used.clamp_(min=self._step)
         self.window_count.zero_()
-        self._window_start = int(self.step)
+        self._window_start = self._step
         self._resumed = False
 
     @torch.no_grad()
@@ -281,10 +290,10 @@ class VectorQuantizer(nn.Module):
         dead = (self.step - self.last_used) >= o.replace_every
         if o.replace_threshold > 1:
             dist.all_reduce_(self.window_count)
-            if int(self.step) - self._window_start >= o.replace_every:  # only a full window's counts judge
+            if self._step - self._window_start >= o.replace_every:  # only a full window's counts judge
                 dead |= self.window_count < o.replace_threshold
             self.window_count.zero_()
-        self._window_start = int(self.step)
+        self._window_start = self._step
         n_dead = int(dead.sum())
         if n_dead == 0:  # last_used is global now: every rank takes this branch together
             return torch.zeros((), dtype=torch.long, device=z.device)
@@ -341,6 +350,7 @@ class VectorQuantizer(nn.Module):
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # noqa: ANN001
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self._init_done = bool(self.initialised)
+        self._step = int(self.step)
         self._resumed = True
 
     def extra_repr(self) -> str:
