@@ -191,6 +191,19 @@ def test_ar_baseline_matches_maskgit_size_and_its_kv_cache_is_exact() -> None:
     assert sampled.shape == (3, 8, 8)
 
 
+def test_confidence_noise_is_scaled_gumbel() -> None:
+    """`perturbed` adds scale × Gumbel(0, 1) noise (mean γ·scale, variance π²/6·scale²), drawn from the
+    generator, and nothing at scale 0 (the last iterations)."""
+    from vqmodels.maskgit import perturbed
+
+    base = torch.zeros(200_000)
+    noise = perturbed(base, 2.0, torch.Generator().manual_seed(0))
+    assert abs(float(noise.mean()) - 2.0 * 0.5772) < 0.02
+    assert abs(float(noise.var()) - 4.0 * math.pi**2 / 6) < 0.1
+    assert torch.equal(perturbed(base, 2.0, torch.Generator().manual_seed(0)), noise)
+    assert perturbed(base, 0.0, None) is base
+
+
 def test_both_decoders_run_in_bfloat16() -> None:
     """The sampling benchmark's low-precision setting: weights and activations bf16, sampling in fp32."""
     cfg = MaskGITConfig.debug(num_classes=3)
