@@ -33,7 +33,7 @@ NEVER = -(2**40)  # "last used" step of a code that was never used
 def code_counts(idx: torch.Tensor, k: int) -> torch.Tensor:
     """Uses of each of k codes (long). Unlike `bincount`, which sizes its output from the data's maximum,
     this never waits for the GPU."""
-    return torch.zeros(k, dtype=torch.long, device=idx.device).index_add_(0, idx, torch.ones_like(idx))
+    return torch.zeros(k, dtype=torch.long, device=idx.device).scatter_add_(0, idx, torch.ones_like(idx))
 
 
 class QuantizerOutput(NamedTuple):
