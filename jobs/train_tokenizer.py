@@ -61,7 +61,7 @@ def train_loop(config: dict[str, Any]) -> None:
     gen_params = tok.generator_parameters()
     opt = torch.optim.AdamW(gen_params, lr=o.lr, betas=(0.9, 0.99), weight_decay=o.weight_decay)
     disc_params = list(tok.discriminator.parameters()) if tok.discriminator is not None else []
-    dopt = torch.optim.AdamW(disc_params, lr=o.lr, betas=(0.9, 0.99)) if disc_params else None
+    dopt = torch.optim.AdamW(disc_params, lr=o.lr, betas=(0.9, 0.99), weight_decay=o.weight_decay) if disc_params else None
     prec, dprec = Precision(o.precision, worker.device), Precision(o.precision, worker.device)
 
     seed_everything(o.seed, worker.rank)
@@ -103,7 +103,9 @@ def train_loop(config: dict[str, Any]) -> None:
         if preview is None:
             preview = images[:PREVIEW_IMAGES].detach().clone()
         with prec.autocast():
-            out = model(images, step)
+            # fp16 with the GAN on: the adaptive weight's own backward passes need the scaler's scale
+            scale = prec.scaler.get_scale() if prec.scaler.is_enabled() and tok.adversarial_factor(step) > 0 else 1.0
+            out = model(images, step, scale)
         grad_norm = prec.step(out.losses["total"], opt, gen_params, o.grad_clip)
         disc_metrics: dict[str, float] = {}
         if dopt is not None and tok.adversarial_factor(step) > 0:

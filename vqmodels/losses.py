@@ -78,16 +78,32 @@ def generator_loss(fake_logits: torch.Tensor, kind: AdvLoss = "hinge") -> torch.
 
 
 def adaptive_weight(
-    nll_loss: torch.Tensor, gen_loss: torch.Tensor, last_layer: torch.Tensor, max_weight: float = 1e4
+    nll_loss: torch.Tensor,
+    gen_loss: torch.Tensor,
+    last_layer: torch.Tensor,
+    max_weight: float = 1e4,
+    grad_scale: float = 1.0,
 ) -> torch.Tensor:
     """VQGAN's λ = |∇_L nll| / (|∇_L g| + 1e-4) at the decoder's last layer L, detached.
 
     It scales the GAN gradient to the reconstruction gradient's size, which is what keeps the decoder from
-    being torn apart when the discriminator switches on.
+    being torn apart when the discriminator switches on. Under fp16 autocast pass the GradScaler's scale as
+    `grad_scale`: these two backward passes bypass the scaler, and unscaled fp16 gradients of a mean over
+    millions of pixels round to zero (λ would silently become 0). A gradient that overflows at that scale is
+    taken again at a smaller one; λ itself does not depend on the scale.
     """
-    g_nll = torch.autograd.grad(nll_loss, last_layer, retain_graph=True)[0]
-    g_gen = torch.autograd.grad(gen_loss, last_layer, retain_graph=True)[0]
-    return (g_nll.norm() / (g_gen.norm() + 1e-4)).clamp(0.0, max_weight).detach()
+    w = _grad_norm(nll_loss, last_layer, grad_scale) / (_grad_norm(gen_loss, last_layer, grad_scale) + 1e-4)
+    return torch.where(w.isfinite(), w, 0.0).clamp(0.0, max_weight).detach()
+
+
+def _grad_norm(loss: torch.Tensor, layer: torch.Tensor, scale: float) -> torch.Tensor:
+    """|∇_layer loss|, computed on loss·scale (then divided back), stepping the scale down by 2⁸ while the
+    scaled gradient overflows. At scale 1 (fp32, bf16) it is one backward pass and never reads the device."""
+    while True:
+        norm = torch.autograd.grad(loss * scale, layer, retain_graph=True)[0].float().norm()
+        if scale <= 1.0 or bool(norm.isfinite()):
+            return norm / scale
+        scale = max(1.0, scale / 256.0)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -193,8 +193,11 @@ class Tokenizer(SavesConfig, nn.Module):
         return self.decoder(z.permute(0, 3, 1, 2))
 
     # -- training -------------------------------------------------------------------------------------
-    def forward(self, images: torch.Tensor, step: int = 0) -> TokenizerOutput:
-        """Reconstruct and return the generator-side losses; backward `losses["total"]`."""
+    def forward(self, images: torch.Tensor, step: int = 0, grad_scale: float = 1.0) -> TokenizerOutput:
+        """Reconstruct and return the generator-side losses; backward `losses["total"]`.
+
+        `grad_scale`: the GradScaler's current scale when training under fp16 autocast (for the adaptive GAN
+        weight, see `adaptive_weight`)."""
         self._check_images(images)
         c = self.config
         q = self.quantizer(self.encoder(images).permute(0, 2, 3, 1))
@@ -214,7 +217,7 @@ class Tokenizer(SavesConfig, nn.Module):
             losses["adv"] = g
             w = torch.ones((), device=images.device)
             if c.adv_adaptive and self.training and torch.is_grad_enabled() and g.requires_grad:
-                w = adaptive_weight(nll, g, self.decoder.conv_out.weight)
+                w = adaptive_weight(nll, g, self.decoder.conv_out.weight, grad_scale=grad_scale)
             weight = w * c.adv_weight * factor
             metrics["adv_weight"] = weight.detach()
             total = total + weight * g

@@ -107,6 +107,24 @@ def test_gan_loss_formulas_and_adaptive_weight() -> None:
     assert not lam.requires_grad
 
 
+def test_adaptive_weight_survives_fp16_autocast_with_the_scalers_scale() -> None:
+    """Under fp16 autocast the adaptive weight's gradients bypass the GradScaler: for a mean over many pixels
+    they round to zero and the GAN term silently vanishes. With the scaler's scale passed in, λ matches fp32,
+    also when that scale is so large that the scaled gradients overflow (they are taken again, smaller)."""
+    torch.manual_seed(0)
+    # a tiny rec_weight stands in for a mean over ~60 M pixels: per-pixel gradients below fp16's range
+    tok = Tokenizer(TokenizerConfig.debug(adv_weight=1.0, adv_start=0, rec_weight=1e-4)).train()
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    fp32 = float(tok(x, step=1).metrics["adv_weight"])
+    with torch.autocast("cpu", dtype=torch.float16):
+        unscaled = float(tok(x, step=1).metrics["adv_weight"])
+        scaled = float(tok(x, step=1, grad_scale=2.0**10).metrics["adv_weight"])
+        overflow = tok(x, step=1, grad_scale=2.0**40).metrics["adv_weight"]
+    assert fp32 > 0 and unscaled < 0.5 * fp32  # the failure this guards against
+    assert scaled == pytest.approx(fp32, rel=0.1)
+    assert float(overflow) == pytest.approx(fp32, rel=0.1)
+
+
 def _fake_vgg(path: Path) -> None:
     """A random state dict in torchvision's vgg16 layout (weights the user would provide)."""
     from vqmodels.losses import _vgg16_features
