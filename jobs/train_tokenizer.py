@@ -74,6 +74,8 @@ def train_loop(config: dict[str, Any]) -> None:
         if dopt is not None:
             dopt.load_state_dict(state["disc_optimizer"])
             dprec.scaler.load_state_dict(state["disc_scaler"])
+            for group in dopt.param_groups:  # checkpoints from before it followed the spec carry AdamW's 0.01
+                group["weight_decay"] = o.weight_decay
         step, skipped_before = int(state["step"]), int(state.get("skipped_samples", 0))
         if env.run is not None:
             env.run.log_metrics({"train/resumed_from": step}, step, replay=False)

@@ -141,35 +141,16 @@ class Codebook(nn.Module):
         self.set_codes(torch.arange(self.size, device=vectors.device), vectors)
 
     @torch.no_grad()
-    def update_running_stats(
-        self,
-        z_sum: torch.Tensor,
-        z_sqsum: torch.Tensor,
-        n: torch.Tensor,
-        weights: torch.Tensor | None = None,
-        err: torch.Tensor | None = None,
-    ) -> None:
+    def update_running_stats(self, z_sum: torch.Tensor, z_sqsum: torch.Tensor, n: torch.Tensor) -> None:
         """EMA of the inputs' and the codebook's per-feature mean/variance (inputs already reduced
-        over all ranks, so every rank computes the same statistics).
-
-        With `weights` (code counts) the codebook's statistics are usage-weighted, i.e. those of z_q;
-        with `err` (per-feature E(z - z_q)^2) the target variance is Var(z) - err, which is what the
-        codebook has at a k-means fixed point (Var z = Var z_q + E(z - z_q)^2 per feature)."""
+        over all ranks, so every rank computes the same statistics)."""
         # device-side throughout (no .item(): a sync per step on a GPU): nothing changes when n == 0
         has = n > 0
         n = n.clamp_min(1)
         mean = z_sum / n
         var = (z_sqsum / n - mean.pow(2)).clamp_min(0.0)
-        if err is not None:
-            var = (var - err).clamp_min(0.25 * var)
         raw = self.raw().detach().view(self.groups, -1, self.dim)
-        if weights is not None:
-            w = weights.view(self.groups, -1, 1) + 1e-3
-            w = w / w.sum(1, keepdim=True)
-            c_mean = (w * raw).sum(1)
-            c_var = (w * (raw - c_mean[:, None]).pow(2)).sum(1)
-        else:
-            c_mean, c_var = raw.mean(1), raw.var(1, unbiased=False)
+        c_mean, c_var = raw.mean(1), raw.var(1, unbiased=False)
         m = torch.where(self.stats_ready, self.opts.affine_momentum, 1.0) * has
         self.z_mean.lerp_(mean, m)
         self.z_var.lerp_(var, m)

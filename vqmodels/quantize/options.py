@@ -28,8 +28,6 @@ class QuantizerOptions:
     affine_lr: float = 1.0  # learning-rate multiplier of the learned affine parameters
     codebook_lr: float = 1.0  # learning-rate multiplier of gradient-trained codes (c = lr * w), also under Adam
     affine_momentum: float = 0.1  # EMA momentum of the running affine statistics
-    affine_target: Literal["input", "centroid"] = "input"  # running affine: match the inputs' variance, or
-    # the centroid condition's Var(z) - E(z - z_q)^2 with usage-weighted codebook statistics
     sync_nu: float = 0.0  # synchronised commitment: codebook also gets nu * task gradient at z_q
     alternating: bool = False  # in-place codebook step on the commitment error before the task step
     alternating_lr: float = 0.5  # step of that in-place step, as a fraction of the Gauss-Newton step
@@ -122,7 +120,6 @@ def validate(o: QuantizerOptions) -> None:
     if o.affine_groups < 1:
         raise ValueError(f"affine_groups: must be >= 1, got {o.affine_groups}")
     _choice("replace_sampling", o.replace_sampling, ("uniform", "error"))
-    _choice("affine_target", o.affine_target, ("input", "centroid"))
     if o.replace_threshold < 1:
         raise ValueError(f"replace_threshold: must be >= 1 (1 = only unused codes), got {o.replace_threshold}")
     if o.replace_every < 0:

@@ -69,10 +69,6 @@ class VectorQuantizer(nn.Module):
         if o.update in ("ema", "soft_em"):
             self.register_buffer("ema_count", torch.ones(codebook_size))
             self.register_buffer("ema_sum", self.codebook.weight.detach().clone())
-        if o.affine == "running" and o.affine_target == "centroid":
-            # last training step's local code counts, per-feature squared error sums and vector count,
-            # reduced with the next step's input statistics (one collective)
-            self.register_buffer("pending", torch.zeros(codebook_size + dim + 1), persistent=False)
         self._init_done = not o.kmeans_init
         self._step = 0  # `step` mirrored on the host: reading the buffer would wait for the GPU every forward
         self._window_start = 0  # step the current replacement window began (at 0, a replacement, a resume)
@@ -134,9 +130,6 @@ class VectorQuantizer(nn.Module):
             replaced = torch.zeros((), dtype=torch.long, device=z.device)
             if training:
                 with torch.no_grad():
-                    if o.affine == "running" and o.affine_target == "centroid":
-                        err = (flat.detach() - z_q.detach()).pow(2).sum(0)
-                        self.pending.copy_(torch.cat([counts.float(), err, err.new_tensor([flat.shape[0]])]))
                     if o.update == "ema":
                         self._ema_update(flat.detach(), idx, counts)
                     self._track_usage(counts)
@@ -188,16 +181,9 @@ class VectorQuantizer(nn.Module):
     @torch.no_grad()
     def _running_affine(self, z: torch.Tensor) -> None:
         stats = torch.cat([z.sum(0), z.pow(2).sum(0), z.new_tensor([z.shape[0]])])
-        centroid = self.options.affine_target == "centroid"
-        if centroid:
-            stats = torch.cat([stats, self.pending])
         dist.all_reduce_(stats)
-        d, k = self.dim, self.codebook_size
-        weights = err = None
-        if centroid and float(stats[-1]) > 0:
-            weights = stats[2 * d + 1 : 2 * d + 1 + k]
-            err = stats[2 * d + 1 + k : -1] / stats[-1]
-        self.codebook.update_running_stats(stats[:d], stats[d : 2 * d], stats[2 * d], weights, err)
+        d = self.dim
+        self.codebook.update_running_stats(stats[:d], stats[d : 2 * d], stats[2 * d])
 
     @torch.no_grad()
     def _ema_update(self, z: torch.Tensor, idx: torch.Tensor, counts: torch.Tensor) -> None:
@@ -263,7 +249,7 @@ class VectorQuantizer(nn.Module):
 
     @torch.no_grad()
     def _track_usage(self, counts: torch.Tensor) -> None:
-        self.last_used[counts > 0] = self.step
+        self.last_used.copy_(torch.where(counts > 0, self.step, self.last_used))  # no nonzero(): no GPU wait
         if self.options.replace_threshold > 1:
             self.window_count += counts
 
