@@ -7,6 +7,7 @@ import concurrent.futures
 import re
 import shutil
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -20,26 +21,34 @@ _REF = re.compile(
 
 
 # MLflow's client retries an unreachable server with backoff for minutes; the API must not wait that long,
-# so its calls run here and are waited for with a deadline (a stuck call finishes in the background).
-_POOL = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="vqtrain-mlflow")
+# so its calls run on daemon threads and are waited for with a deadline. Daemon threads: a call still
+# retrying must not hold up the service's (or a test run's) exit, as a thread pool's workers would.
 MLFLOW_DEADLINE_S = 10.0
 
 
-def call_with_deadline(fn: Any, *args: Any, deadline: float | None = None) -> Any:
-    """fn(*args) on the MLflow pool; TimeoutError if it takes longer than `deadline` (default
-    `MLFLOW_DEADLINE_S`) seconds."""
-    deadline = MLFLOW_DEADLINE_S if deadline is None else deadline
-    future = _POOL.submit(fn, *args)
-    try:
-        return future.result(timeout=deadline)
-    except concurrent.futures.TimeoutError:
-        future.cancel()  # still queued behind hung calls: never started, so no backlog builds up
-        raise TimeoutError(f"no answer from MLflow within {deadline:.0f} s") from None
-
-
 def submit(fn: Any, *args: Any) -> concurrent.futures.Future:
-    """fn(*args) on the MLflow pool, not waited for (the dispatcher polls the future)."""
-    return _POOL.submit(fn, *args)
+    """fn(*args) on a daemon thread; the returned future is not waited for (the dispatcher polls it)."""
+    future: concurrent.futures.Future = concurrent.futures.Future()
+
+    def run() -> None:
+        if not future.set_running_or_notify_cancel():
+            return
+        try:
+            future.set_result(fn(*args))
+        except BaseException as e:  # noqa: BLE001 - handed to whoever reads the future
+            future.set_exception(e)
+
+    threading.Thread(target=run, name="vqtrain-mlflow", daemon=True).start()
+    return future
+
+
+def call_with_deadline(fn: Any, *args: Any, deadline: float | None = None) -> Any:
+    """fn(*args), or TimeoutError if it takes longer than `deadline` (default `MLFLOW_DEADLINE_S`) seconds."""
+    deadline = MLFLOW_DEADLINE_S if deadline is None else deadline
+    try:
+        return submit(fn, *args).result(timeout=deadline)
+    except concurrent.futures.TimeoutError:
+        raise TimeoutError(f"no answer from MLflow within {deadline:.0f} s") from None
 
 
 def _client(tracking_uri: str) -> Any:

@@ -152,3 +152,16 @@ def test_a_job_ray_refuses_fails_with_the_reason_and_does_not_hold_up_the_queue(
         job = store.get_job(db, bad)
         assert job.state == "failed" and "invalid runtime_env" in job.failure_reason
     assert ray.submitted == [good]
+
+
+def test_an_mlflow_call_still_retrying_does_not_hold_up_exit():
+    """A lookup stuck in MLflow's retries must not keep the service (or a test run) from exiting."""
+    import subprocess
+    import sys
+    import time
+
+    code = "import time; from service import registry; registry.submit(time.sleep, 120); print('exiting')"
+    t0 = time.monotonic()
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and "exiting" in proc.stdout, proc.stderr[-2000:]
+    assert time.monotonic() - t0 < 30
