@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 import json
 import os
+import re
 import typing
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -234,10 +235,20 @@ class _NoAliasLoader(yaml.SafeLoader):
 MAX_SPEC_JSON_BYTES = 96 * 1024  # a spec reaches the job as one environment variable / argument (128 KiB)
 
 
+def spec_json(data: dict[str, Any]) -> str:
+    """The form a spec (`model_dump(mode="json")`) travels to a job in: compact JSON, non-ASCII escaped
+    (as \\uXXXX escapes), so one byte a character."""
+    return json.dumps(data, separators=(",", ":"))
+
+
+def pinned_model_uri(uri: str | None) -> bool:
+    """True for a fixed registry version, `models:/name/<number>` (an alias may move; a path may be anything)."""
+    return bool(uri) and re.fullmatch(r"models:/[^/@]+/[0-9]+", uri) is not None
+
+
 def check_spec_size(spec: JobSpec) -> None:
     """Refuse a spec whose JSON form cannot reach a job: Linux caps one argument or variable at 128 KiB."""
-    # measured as it travels: compact JSON with non-ASCII escaped (\uXXXX), which is one byte a character
-    size = len(json.dumps(spec.model_dump(mode="json"), separators=(",", ":")))
+    size = len(spec_json(spec.model_dump(mode="json")))
     if size > MAX_SPEC_JSON_BYTES:
         raise SpecError([{"loc": "", "msg": f"the spec is {size} bytes as JSON, over the limit of "
                           f"{MAX_SPEC_JSON_BYTES}: list shards in a manifest or a brace pattern instead"}])
@@ -330,9 +341,14 @@ def local_paths(spec: JobSpec) -> list[tuple[str, str]]:
     return found
 
 
+def _pattern_start(path: str) -> int:
+    """Index of the first brace/glob pattern character in `path` (len(path) if it has none)."""
+    return min([i for i in (path.find(c) for c in "{*?[") if i >= 0], default=len(path))
+
+
 def _static_prefix(path: str) -> Path:
     """The part of a (possibly brace/glob-patterned) path before the first pattern character."""
-    cut = min([i for i in (path.find(c) for c in "{*?[") if i >= 0], default=len(path))
+    cut = _pattern_start(path)
     head = path[:cut]
     return Path(head if head.endswith("/") or cut == len(path) else head.rsplit("/", 1)[0] or "/")
 
@@ -343,8 +359,7 @@ def check_allowed_roots(spec: JobSpec, roots: Iterable[str | Path], base: str | 
     base_dir = Path(base or Path.cwd())
     errors = []
     for loc, path in local_paths(spec):
-        cut = min([i for i in (path.find(c) for c in "{*?[") if i >= 0], default=len(path))
-        if ".." in Path(path[cut:]).parts:  # after a pattern character it would escape the prefix check
+        if ".." in Path(path[_pattern_start(path) :]).parts:  # after a pattern character it would escape the prefix check
             errors.append({"loc": loc, "msg": f"local path {path!r} must not contain '..' after a pattern"})
             continue
         p = _static_prefix(path).expanduser()
@@ -366,7 +381,7 @@ def absolute_paths(spec: JobSpec, base: str | Path) -> JobSpec:
             return [fix(x) for x in v]
         if isinstance(v, str) and not _SCHEME.match(v) and not v.startswith(("/", "~")):
             full = str(base_dir / v)  # `../x` collapsed where no pattern follows (patterns are left as written)
-            return os.path.normpath(full) if not any(c in full for c in "{*?[") else full
+            return os.path.normpath(full) if _pattern_start(full) == len(full) else full
         return v
 
     data["data"]["train"] = fix(data["data"]["train"])

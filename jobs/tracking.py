@@ -20,7 +20,7 @@ import yaml
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param
 
-from jobs.spec import JobSpec, flatten_spec, redacted
+from jobs.spec import JobSpec, flatten_spec, pinned_model_uri, redacted
 
 JOB_TAG = "vqtrain.job_id"
 KIND_TAG = "vqtrain.kind"
@@ -69,7 +69,7 @@ def pin_model_uri(client: MlflowClient, uri: str) -> str:
     """`models:/name@alias` → `models:/name/<version>` (the version the alias points to now), so a job and
     every restart of it use one tokenizer even if the alias moves meanwhile. Other URIs are returned as is."""
     m = _MODELS_URI.match(uri)
-    if m is None or m["version"] is not None and m["version"].isdigit():
+    if m is None or pinned_model_uri(uri):
         return uri
     if m["alias"]:
         version = client.get_model_version_by_alias(m["name"], m["alias"]).version

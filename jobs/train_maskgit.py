@@ -35,7 +35,7 @@ from jobs.common import (
     wrap_ddp,
 )
 from jobs.progress import Throughput, log_eval, log_train_step
-from jobs.spec import SpecError
+from jobs.spec import SpecError, pinned_model_uri
 
 SAMPLES = 8
 SAMPLE_STEPS = 8
@@ -142,7 +142,7 @@ def token_loader(spec: Any, worker: Worker, train: bool, tok: Any) -> Any | None
             f"but tokenizer {spec.tokenizer} at image_size {spec.data.image_size} gives {grid} over "
             f"{tok.config.codebook_size}")}])
     made_with = manifest.meta.get("tokenizer")
-    if _pinned(made_with) and _pinned(spec.tokenizer) and made_with != spec.tokenizer:
+    if pinned_model_uri(made_with) and pinned_model_uri(spec.tokenizer) and made_with != spec.tokenizer:
         raise SpecError([{"loc": loc, "msg": (
             f"token shards were made with tokenizer {made_with}, but this job's tokenizer is {spec.tokenizer}: "
             "their codes mean different things (name that version as the job's tokenizer, or re-tokenize)")}])
@@ -151,12 +151,6 @@ def token_loader(spec: Any, worker: Worker, train: bool, tok: Any) -> Any | None
         num_workers=d.num_workers, seed=spec.optim.seed, shuffle_buffer=d.shuffle_buffer,
         epoch_batches=d.epoch_batches if train else None, storage_options=d.storage_options, allowed_roots=roots,
     )
-
-
-def _pinned(uri: str | None) -> bool:
-    """True for a fixed registry version, `models:/name/<number>` (an alias or a path may mean anything)."""
-    parts = (uri or "").removeprefix("models:/").split("/")
-    return bool(uri) and uri.startswith("models:/") and len(parts) == 2 and parts[1].isdigit()
 
 
 def _tokenise(tok: Any, worker: Worker) -> Any:

@@ -15,6 +15,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any
 
+from jobs.spec import spec_json
 from service import embedded
 
 PROGRESS_PREFIX = "VQTRAIN_PROGRESS "
@@ -123,7 +124,7 @@ def entrypoint(python: str, job_id: str) -> str:
 
 
 def spec_env(spec: dict[str, Any]) -> dict[str, str]:
-    return {SPEC_ENV: json.dumps(spec, separators=(",", ":"))}
+    return {SPEC_ENV: spec_json(spec)}  # the form `check_spec_size` measures
 
 
 class RayJobs:
