@@ -156,9 +156,10 @@ class Precision:
         params: list[torch.nn.Parameter],
         grad_clip: float | None,
         sync: Callable[[list[torch.nn.Parameter]], None] | None = None,
-    ) -> float:
+    ) -> float | torch.Tensor:
         """zero_grad, backward, (sync gradients,) unscale, clip and step; returns the gradient norm
-        before clipping (0 when clipping is off)."""
+        before clipping (0 when clipping is off), as a device tensor: reading it here would make every
+        step wait for the GPU."""
         optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         if sync is not None:
@@ -166,7 +167,7 @@ class Precision:
         norm = 0.0
         if grad_clip:
             self.scaler.unscale_(optimizer)
-            norm = float(torch.nn.utils.clip_grad_norm_(params, grad_clip))
+            norm = torch.nn.utils.clip_grad_norm_(params, grad_clip).detach()
         self.scaler.step(optimizer)
         self.scaler.update()
         return norm

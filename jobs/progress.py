@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING, Any, TextIO
 import ray
 import torch
 
+from jobs.tracking import to_floats
+
 if TYPE_CHECKING:
     from jobs.common import TrainBatches, Worker
 
@@ -88,7 +90,7 @@ class Progress:
         self._last = 0.0
         self._start = time.monotonic()
 
-    def update(self, step: int, metrics: dict[str, float], images_per_s: float | None, force: bool = False) -> None:
+    def update(self, step: int, metrics: dict[str, Any], images_per_s: float | None, force: bool = False) -> None:
         if not self.worker.is_main:
             return
         now = time.monotonic()
@@ -96,24 +98,19 @@ class Progress:
         if not force and step < self.total and now - self._last < wait:
             return
         self._last = now
+        present = {k: v for k, v in metrics.items() if v is not None}
+        values = dict(zip(present, to_floats(list(present.values())), strict=True))  # one read-back
         item = {
             "step": int(step),
             "total": int(self.total),
             "time": round(time.time(), 3),  # unix seconds on rank 0: the service's ETA uses the step rate
-            "metrics": {k: round(float(v), 6) for k, v in metrics.items() if _finite(v)},
+            "metrics": {k: round(v, 6) for k, v in values.items() if math.isfinite(v)},
             "images_per_s": None if images_per_s is None else round(float(images_per_s), 2),
         }
         if self.sink is None:
             print(progress_line(item), flush=True)
         else:
             self.sink.push.remote(item)
-
-
-def _finite(v: Any) -> bool:
-    try:
-        return math.isfinite(float(v))
-    except (TypeError, ValueError):
-        return False
 
 
 class SyncClock:
@@ -216,11 +213,12 @@ class Throughput:
 
 
 def log_train_step(
-    env: Any, step: int, metrics: dict[str, float], opt: torch.optim.Optimizer, grad_norm: float,
+    env: Any, step: int, metrics: dict[str, Any], opt: torch.optim.Optimizer, grad_norm: float | torch.Tensor,
     batches: TrainBatches, rate: Throughput, codebook_sync: bool = False,
 ) -> None:
     """Rank 0: add what every training loop logs each step (lr, gradient norm, skipped samples, throughput
-    and, with a codebook, the share of time spent syncing it), then log to MLflow and the progress bar."""
+    and, with a codebook, the share of time spent syncing it), then log to MLflow and the progress bar.
+    Metrics may be device tensors: they are read back only when logged or shown, not every step."""
     metrics["train/lr"] = opt.param_groups[0]["lr"]
     metrics["train/grad_norm"] = grad_norm
     metrics["train/skipped_samples"] = float(batches.skipped)

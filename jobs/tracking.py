@@ -126,6 +126,24 @@ def ui_url(tracking_uri: str) -> str | None:
     return tracking_uri.rstrip("/") if tracking_uri.startswith(("http://", "https://")) else None
 
 
+def to_floats(values: list[Any]) -> list[float]:
+    """Python floats of numbers and 0-d tensors, with one device-to-host copy per device (reading
+    tensors one by one would wait for the device once each)."""
+    out = [v if not hasattr(v, "detach") else None for v in values]
+    by_device: dict[Any, list[int]] = {}
+    for i, v in enumerate(values):
+        if out[i] is None:
+            by_device.setdefault(v.device, []).append(i)
+    if by_device:
+        import torch  # only when tensors were logged: the service imports this module without torch
+
+        for positions in by_device.values():
+            stacked = torch.stack([values[i].detach().reshape(()).double() for i in positions])
+            for i, f in zip(positions, stacked.tolist(), strict=True):
+                out[i] = f
+    return [float(v) for v in out]
+
+
 class RunLogger:
     """Rank 0's handle on the job's run: metrics are buffered and sent in batches (one HTTP call per
     `flush_every` seconds instead of one per step), images and figures go straight out.
@@ -145,21 +163,24 @@ class RunLogger:
         self.logged_through = int(logged) if logged and logged.lstrip("-").isdigit() else -1
         self.replayed_through = self.logged_through  # steps a restart replays; fixed for this logger's life
 
-    def log_metrics(self, metrics: dict[str, float], step: int, replay: bool = True) -> None:
+    def log_metrics(self, metrics: dict[str, Any], step: int, replay: bool = True) -> None:
         """Buffer metrics at `step`; `replay=False` for a record that is new even at a replayed step
-        (`train/resumed_from`)."""
+        (`train/resumed_from`). Values may be 0-d device tensors: they are read back together at the
+        flush, so a training step never waits for the GPU to log."""
         if replay and step <= self.replayed_through:  # replayed after a restart: already in the run
             return
         now_ms = int(time.time() * 1000)
         for key, value in metrics.items():
             if value is None:
                 continue
-            self._buffer.append(Metric(_metric_key(key), float(value), now_ms, int(step)))
+            self._buffer.append(Metric(_metric_key(key), value, now_ms, int(step)))
         if time.monotonic() - self._last_flush >= self.flush_every:
             self.flush()
 
     def flush(self) -> None:
         buffer, self._buffer = self._buffer, []
+        values = to_floats([m.value for m in buffer])
+        buffer = [Metric(m.key, v, m.timestamp, m.step) for m, v in zip(buffer, values, strict=True)]
         for i in range(0, len(buffer), 1000):
             self.client.log_batch(self.run_id, metrics=buffer[i : i + 1000])
         self._last_flush = time.monotonic()

@@ -93,7 +93,7 @@ def train_loop(config: dict[str, Any]) -> None:
         batches.sync_skipped(step, worker.device, step % spec.checkpoint.every == 0 or step == o.steps)
 
         if worker.is_main:
-            metrics = {"loss/total": float(out.loss.detach()), **{f"train/{k}": float(v) for k, v in out.metrics.items()}}
+            metrics = {"loss/total": out.loss.detach(), **{f"train/{k}": v for k, v in out.metrics.items()}}
             log_train_step(env, step, metrics, opt, grad_norm, batches, rate)
 
         t = spec.tracking

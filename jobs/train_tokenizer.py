@@ -109,23 +109,23 @@ def train_loop(config: dict[str, Any]) -> None:
             scale = prec.scaler.get_scale() if prec.scaler.is_enabled() and tok.adversarial_factor(step) > 0 else 1.0
             out = model(images, step, scale)
         grad_norm = prec.step(out.losses["total"], opt, gen_params, o.grad_clip)
-        disc_metrics: dict[str, float] = {}
+        disc_metrics: dict[str, Any] = {}  # device tensors, read back when logged (see log_train_step)
         if dopt is not None and tok.adversarial_factor(step) > 0:
             with dprec.autocast():
                 d = tok.discriminator_loss(images, out.reconstruction, step)
             dprec.step(d.loss, dopt, disc_params, o.grad_clip, sync=average_gradients)
-            disc_metrics = {"loss/disc": float(d.loss.detach()), **{f"disc/{k}": float(v) for k, v in d.metrics.items()}}
+            disc_metrics = {"loss/disc": d.loss.detach(), **{f"disc/{k}": v for k, v in d.metrics.items()}}
         step += 1
         rate.tick(images.shape[0] * worker.world_size)
         batches.sync_skipped(step, worker.device, step % spec.checkpoint.every == 0 or step == o.steps)
 
         if worker.is_main:
-            metrics = {f"loss/{k}": float(v.detach()) for k, v in out.losses.items()}
-            metrics.update({f"vq/{k}": float(v) for k, v in out.metrics.items() if k not in ("psnr", "adv_weight")})
+            metrics = {f"loss/{k}": v.detach() for k, v in out.losses.items()}
+            metrics.update({f"vq/{k}": v for k, v in out.metrics.items() if k not in ("psnr", "adv_weight")})
             metrics.update(disc_metrics)
-            metrics["train/psnr"] = float(out.metrics["psnr"])
+            metrics["train/psnr"] = out.metrics["psnr"]
             if "adv_weight" in out.metrics:
-                metrics["train/adv_weight"] = float(out.metrics["adv_weight"])
+                metrics["train/adv_weight"] = out.metrics["adv_weight"]
             log_train_step(env, step, metrics, opt, grad_norm, batches, rate, codebook_sync=True)
 
         t = spec.tracking

@@ -89,3 +89,48 @@ def test_records_thin_out_as_a_job_ages(monkeypatch, capsys) -> None:
     assert 18 <= records_over(10) <= 21  # young: every 0.5 s
     clock[0] += 3600
     assert 5 <= records_over(60) <= 7  # an hour old: every 10 s
+
+
+def test_a_logged_training_step_reads_nothing_back_until_the_flush(tmp_path, capsys) -> None:
+    """Rank 0 logs every step; on a GPU each `float(tensor)` would stall the pipeline, so a step's metrics
+    (and the clipped gradient norm) stay device tensors until the logger flushes or the bar is drawn,
+    and are then read back together. The values that reach MLflow are the tensors' values."""
+    import collections
+
+    from mlflow import MlflowClient
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from jobs.common import Precision
+    from jobs.tracking import RunLogger
+
+    class Reads(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.seen: collections.Counter = collections.Counter()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.seen[func.__name__.split(".")[0]] += 1
+            return func(*args, **(kwargs or {}))
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    run_id = client.create_run(client.create_experiment("t", (tmp_path / "a").as_uri())).info.run_id
+    worker = Worker(0, 1, 0, torch.device("cpu"))
+    env = SimpleNamespace(run=RunLogger(uri, run_id, flush_every=1e9), progress=Progress(None, 10, worker))
+    env.progress._last = time.monotonic()  # the bar was just drawn: this step only buffers
+    w = torch.nn.Parameter(torch.tensor([3.0, 4.0]))
+    opt = torch.optim.SGD([w], lr=0.1)
+    reads = Reads()
+    with reads:
+        loss = (w * w).sum() / 2  # gradient (3, 4): norm 5
+        grad_norm = Precision("fp32", worker.device).step(loss, opt, [w], grad_clip=100.0)
+        metrics = {"loss/total": loss.detach(), "vq/perplexity": torch.tensor(7.5), "train/flag": None}
+        log_train_step(env, 1, metrics, opt, grad_norm, SimpleNamespace(skipped=0), Throughput())
+    assert reads.seen["_local_scalar_dense"] == 0 and reads.seen["item"] == 0, reads.seen
+    env.run.flush()
+    latest = client.get_run(run_id).data.metrics
+    assert latest["loss/total"] == 12.5 and latest["vq/perplexity"] == 7.5
+    assert abs(latest["train/grad_norm"] - 5.0) < 1e-6 and "train/flag" not in latest
+    env.progress.update(1, metrics, None, force=True)  # the bar reads tensors too, and skips None
+    record = json.loads(capsys.readouterr().out.strip().splitlines()[-1][len(PROGRESS_PREFIX) :])
+    assert record["metrics"]["vq/perplexity"] == 7.5 and "train/flag" not in record["metrics"]
