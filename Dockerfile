@@ -48,7 +48,7 @@ CMD ["mlflow", "server", "--host", "0.0.0.0", "--port", "5000"]
 FROM ${BASE_IMAGE} AS runtime
 ARG TORCH_VERSION=2.13.0
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
-ARG EXTRAS=train,service
+ARG EXTRAS=train,service,postgres
 
 # The base lets `ray` sudo without a password; a service image does not need that.
 USER root

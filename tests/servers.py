@@ -6,8 +6,13 @@ Shared by the suite's fixtures (tests/conftest.py); nothing here sets global sta
 from __future__ import annotations
 
 import contextlib
+import glob
 import logging
+import os
+import shutil
 import socket
+import subprocess
+import tempfile
 import uuid
 from collections.abc import Iterator
 
@@ -54,3 +59,42 @@ def make_bucket(endpoint_url: str, prefix: str = "test") -> str:
     fs.mkdir(name)
     fs.invalidate_cache()
     return f"s3://{name}"
+
+
+def _postgres_tool(name: str) -> str:
+    found = shutil.which(name)
+    if found:
+        return found
+    for folder in sorted(glob.glob("/usr/lib/postgresql/*/bin"), reverse=True):  # Debian keeps them off PATH
+        if os.access(f"{folder}/{name}", os.X_OK):
+            return f"{folder}/{name}"
+    raise RuntimeError(f"PostgreSQL's `{name}` not found: scripts/setup installs Debian's postgresql package")
+
+
+@contextlib.contextmanager
+def postgres_server() -> Iterator[str]:
+    """A throwaway PostgreSQL cluster (initdb, trust auth, fsync off) on 127.0.0.1:<free port>; yields its
+    SQLAlchemy URL (psycopg 3). PostgreSQL refuses to run as root, so under root it runs as `postgres`."""
+    initdb, pg_ctl = _postgres_tool("initdb"), _postgres_tool("pg_ctl")
+    base = tempfile.mkdtemp(prefix="vqtrain-pg-")  # not under pytest's 0700 tmp root: `postgres` must enter it
+    as_user: list[str] = []
+    if os.geteuid() == 0:
+        as_user = ["runuser", "-u", "postgres", "--"]
+        shutil.chown(base, "postgres")
+    data, log = f"{base}/data", f"{base}/server.log"
+    port = free_port()
+    try:
+        subprocess.run([*as_user, initdb, "-D", data, "-A", "trust", "-U", "vqtrain", "-E", "UTF8", "--no-sync"],
+                       check=True, capture_output=True)  # fmt: skip
+        options = f"-p {port} -k {base} -c listen_addresses=127.0.0.1 -c fsync=off"
+        subprocess.run([*as_user, pg_ctl, "-D", data, "-l", log, "-w", "-t", "60", "-o", options, "start"],
+                       check=True, capture_output=True)  # fmt: skip
+        try:
+            yield f"postgresql+psycopg://vqtrain@127.0.0.1:{port}/postgres"
+        finally:
+            subprocess.run([*as_user, pg_ctl, "-D", data, "-m", "fast", "-w", "stop"], capture_output=True)
+    except subprocess.CalledProcessError as e:
+        server_log = open(log).read()[-2000:] if os.path.exists(log) else ""
+        raise RuntimeError(f"PostgreSQL did not start: {e.stderr.decode()[-2000:]}{server_log}") from e
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
