@@ -91,14 +91,7 @@ def _ours(**options) -> Callable[[], nn.Module]:
     return lambda: VectorQuantizer(64, 1024, **options)
 
 
-OURS = {
-    "ours/default": _ours(preset="default"),
-    "ours/plain": _ours(preset="plain"),
-    "ours/ema": _ours(preset="ema"),
-    "ours/rotation": _ours(preset="rotation"),
-    "ours/simvq": _ours(preset="simvq"),
-    "ours/huh2023": _ours(preset="huh2023"),
-}
+OURS = {f"ours/{p}": _ours(preset=p) for p in ("default", "plain", "ema", "rotation", "simvq", "huh2023")}
 
 
 def _vqp(kind: str) -> Callable[[], nn.Module]:
@@ -171,7 +164,9 @@ def run(name: str, steps: int, batch: int, seed: int, overrides: dict | None = N
     judge = classifier(x, y).to(dev)
     torch.manual_seed(seed)
     if overrides:  # variations of one of our presets, e.g. --set replace_every=10
-        preset = OURS[name]().preset
+        # the preset is read off the name, not by building a throwaway quantizer: its random codebook would
+        # shift the random stream, and a variant would start from other weights than its preset at this seed
+        preset = name.split("/", 1)[1]
         q = VectorQuantizer(64, 1024, preset=preset, **overrides)
         name = f"{name}+" + ",".join(f"{k}={v}" for k, v in overrides.items())
     else:

@@ -98,7 +98,7 @@ class Progress:
         if not force and step < self.total and now - self._last < wait:
             return
         self._last = now
-        present = {k: v for k, v in metrics.items() if v is not None}
+        present = {k: v for k, v in metrics.items() if isinstance(v, int | float) or hasattr(v, "detach")}
         values = dict(zip(present, to_floats(list(present.values())), strict=True))  # one read-back
         item = {
             "step": int(step),

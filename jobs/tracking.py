@@ -129,10 +129,10 @@ def ui_url(tracking_uri: str) -> str | None:
 def to_floats(values: list[Any]) -> list[float]:
     """Python floats of numbers and 0-d tensors, with one device-to-host copy per device (reading
     tensors one by one would wait for the device once each)."""
-    out = [v if not hasattr(v, "detach") else None for v in values]
+    out: list[Any] = list(values)
     by_device: dict[Any, list[int]] = {}
     for i, v in enumerate(values):
-        if out[i] is None:
+        if hasattr(v, "detach"):
             by_device.setdefault(v.device, []).append(i)
     if by_device:
         import torch  # only when tensors were logged: the service imports this module without torch

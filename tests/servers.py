@@ -68,33 +68,34 @@ def _postgres_tool(name: str) -> str:
     for folder in sorted(glob.glob("/usr/lib/postgresql/*/bin"), reverse=True):  # Debian keeps them off PATH
         if os.access(f"{folder}/{name}", os.X_OK):
             return f"{folder}/{name}"
-    raise RuntimeError(f"PostgreSQL's `{name}` not found: scripts/setup installs Debian's postgresql package")
+    raise RuntimeError(f"PostgreSQL's `{name}` not found: scripts/test installs Debian's postgresql package")
 
 
 @contextlib.contextmanager
 def postgres_server() -> Iterator[str]:
-    """A throwaway PostgreSQL cluster (initdb, trust auth, fsync off) on 127.0.0.1:<free port>; yields its
-    SQLAlchemy URL (psycopg 3). PostgreSQL refuses to run as root, so under root it runs as `postgres`."""
+    """A throwaway PostgreSQL cluster (initdb, trust auth, C locale, fsync off) on 127.0.0.1:<free port>;
+    yields its SQLAlchemy URL (psycopg 3). PostgreSQL refuses to run as root, so under root it runs as
+    `postgres`. The server is stopped and its files removed however the start or the tests end."""
     initdb, pg_ctl = _postgres_tool("initdb"), _postgres_tool("pg_ctl")
     base = tempfile.mkdtemp(prefix="vqtrain-pg-")  # not under pytest's 0700 tmp root: `postgres` must enter it
-    as_user: list[str] = []
-    if os.geteuid() == 0:
-        as_user = ["runuser", "-u", "postgres", "--"]
-        shutil.chown(base, "postgres")
     data, log = f"{base}/data", f"{base}/server.log"
-    port = free_port()
+    as_user: list[str] = []
     try:
-        subprocess.run([*as_user, initdb, "-D", data, "-A", "trust", "-U", "vqtrain", "-E", "UTF8", "--no-sync"],
-                       check=True, capture_output=True)  # fmt: skip
+        if os.geteuid() == 0:
+            as_user = ["runuser", "-u", "postgres", "--"]
+            shutil.chown(base, "postgres")
+        port = free_port()
         options = f"-p {port} -k {base} -c listen_addresses=127.0.0.1 -c fsync=off"
-        subprocess.run([*as_user, pg_ctl, "-D", data, "-l", log, "-w", "-t", "60", "-o", options, "start"],
-                       check=True, capture_output=True)  # fmt: skip
         try:
-            yield f"postgresql+psycopg://vqtrain@127.0.0.1:{port}/postgres"
-        finally:
-            subprocess.run([*as_user, pg_ctl, "-D", data, "-m", "fast", "-w", "stop"], capture_output=True)
-    except subprocess.CalledProcessError as e:
-        server_log = open(log).read()[-2000:] if os.path.exists(log) else ""
-        raise RuntimeError(f"PostgreSQL did not start: {e.stderr.decode()[-2000:]}{server_log}") from e
+            subprocess.run([*as_user, initdb, "-D", data, "-A", "trust", "-U", "vqtrain", "-E", "UTF8",
+                            "--locale=C", "--no-sync"], check=True, capture_output=True)  # fmt: skip
+            subprocess.run([*as_user, pg_ctl, "-D", data, "-l", log, "-w", "-t", "60", "-o", options, "start"],
+                           check=True, capture_output=True)  # fmt: skip
+        except subprocess.CalledProcessError as e:
+            server_log = open(log).read()[-2000:] if os.path.exists(log) else ""
+            raise RuntimeError(f"PostgreSQL did not start: {e.stderr.decode()[-2000:]}{server_log}") from e
+        yield f"postgresql+psycopg://vqtrain@127.0.0.1:{port}/postgres"
     finally:
+        if os.path.exists(f"{data}/postmaster.pid"):  # started, or a start that timed out may still be up
+            subprocess.run([*as_user, pg_ctl, "-D", data, "-m", "immediate", "-w", "stop"], capture_output=True)
         shutil.rmtree(base, ignore_errors=True)

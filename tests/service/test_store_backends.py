@@ -56,6 +56,7 @@ def test_one_job_per_idempotency_key_even_when_requests_race(sessions):
         t.start()
     for t in threads:
         t.join()
+    assert len(made) == 8  # every request answered (a thread's exception would only be a warning)
     assert len({job_id for job_id, _ in made}) == 1 and sum(created for _, created in made) == 1
     with sessions() as db:
         assert store.list_jobs(db)[1] == 1
@@ -75,6 +76,7 @@ def test_a_cancel_and_a_dispatch_cannot_both_win(sessions):
         t.start()
     for t in threads:
         t.join()
+    assert all(len(results) == 2 for results in outcomes.values())
     with sessions() as db:
         for job_id, results in outcomes.items():
             assert sorted(results) == [False, True]  # exactly one of the two took effect
