@@ -296,16 +296,53 @@ def save_checkpoint(step: int, state: dict[str, Any] | None, worker: Worker, met
         ray.train.report({**metrics, "step": step}, checkpoint=checkpoint)
 
 
-def maybe_checkpoint(
-    env: JobEnv, step: int, last: bool, state: Callable[[], dict[str, Any]], rate: Throughput
-) -> None:
-    """Every `checkpoint.every` steps and at the last: rank 0 flushes MLflow and saves `state()`, every rank
-    reports (a barrier). `rate` is paused so the checkpoint's time is not
-    counted as training."""
-    if step % env.spec.checkpoint.every == 0 or last:
+TIME_CHECK_EVERY = 10  # steps between the ranks' agreement on a wall-clock checkpoint
+
+
+class CheckpointClock:
+    """When a loop checkpoints: every `checkpoint.every` steps, at the last step, and once
+    `checkpoint.every_minutes` of wall-clock time have passed since the last checkpoint (or the start), so a
+    lost node or worker group never costs more than those minutes, however slow the steps.
+
+    `ray.train.report` is a barrier, so every rank must take the same decision although their clocks differ:
+    the time rule is one MAX all-reduce every TIME_CHECK_EVERY steps (one host read per ten steps, none in
+    between). `due(step)` is a collective on those steps; it is cached per step, so calling it twice in a step
+    (the skipped-sample sync, then the checkpoint) is fine.
+    """
+
+    def __init__(self, every: int, every_minutes: float | None, steps: int, device: torch.device):
+        self.every, self.steps, self.device = every, steps, device
+        self.seconds = every_minutes * 60 if every_minutes else None
+        self.since = time.monotonic()
+        self._decided: tuple[int, bool] = (-1, False)
+
+    def due(self, step: int) -> bool:
+        if self._decided[0] != step:
+            self._decided = (step, self._decide(step))
+        return self._decided[1]
+
+    def _decide(self, step: int) -> bool:
+        if step % self.every == 0 or step >= self.steps:
+            return True
+        if self.seconds is None or step % TIME_CHECK_EVERY:
+            return False
+        late = torch.tensor([float(time.monotonic() - self.since >= self.seconds)], device=self.device)
+        if is_distributed():
+            dist.all_reduce(late, op=dist.ReduceOp.MAX)
+        return bool(late.item())
+
+    def saved(self) -> None:
+        self.since = time.monotonic()
+
+
+def maybe_checkpoint(env: JobEnv, step: int, state: Callable[[], dict[str, Any]], rate: Throughput) -> None:
+    """When `env.clock` says so (steps, minutes, last step): rank 0 flushes MLflow and saves `state()`, every
+    rank reports (a barrier). `rate` is paused so the checkpoint's time is not counted as training."""
+    if env.clock.due(step):
         if env.worker.is_main:
             env.run.flush()
         save_checkpoint(step, state() if env.worker.is_main else None, env.worker, rate.summary())
+        env.clock.saved()
         rate.pause()
 
 
@@ -362,6 +399,7 @@ def maybe_kill(step: int, worker: Worker, hooks: dict[str, str]) -> None:
     poll of the workers (every 2 s), and a worker that dies before that poll takes the report with it,
     so the job would restart from the checkpoint before. A test that asserts the resume step waits.
     """
+    _maybe_pause(step, worker, hooks)
     at = hooks.get("VQTRAIN_TEST_KILL_AT_STEP")
     if at is None or step != int(at):
         return
@@ -372,6 +410,34 @@ def maybe_kill(step: int, worker: Worker, hooks: dict[str, str]) -> None:
     time.sleep(float(hooks.get("VQTRAIN_TEST_KILL_DELAY_S", 0)))
     marker.write_text(f"killed rank {worker.rank} at step {step}\n")
     os._exit(1)
+
+
+def _maybe_pause(step: int, worker: Worker, hooks: dict[str, str]) -> None:
+    """Fault injection from outside (the cluster tests): `VQTRAIN_TEST_PAUSE_AT_STEPS=15,25` makes every rank
+    write `<VQTRAIN_TEST_PAUSE_DIR>/reached-<step>-rank<r>` (its node and pid inside) before those steps and
+    wait there until `release-<step>` exists, so a test can remove a node or a placement group at a known
+    point of a live job."""
+    steps = hooks.get("VQTRAIN_TEST_PAUSE_AT_STEPS")
+    if not steps or step not in {int(s) for s in steps.split(",")}:
+        return
+    folder = Path(hooks["VQTRAIN_TEST_PAUSE_DIR"])
+    node = ray.get_runtime_context().get_node_id()
+    (folder / f"reached-{step}-rank{worker.rank}").write_text(json.dumps({"node": node, "pid": os.getpid()}))
+    while not (folder / f"release-{step}").exists():
+        time.sleep(0.2)
+
+
+def record_codebook(env: JobEnv, codebook: torch.Tensor) -> None:
+    """Test hook: `VQTRAIN_TEST_CODEBOOK_DIR` gets each rank's final codebook digest and node id (the cluster
+    tests compare ranks that ran on different nodes)."""
+    folder = env.hooks.get("VQTRAIN_TEST_CODEBOOK_DIR")
+    if not folder:
+        return
+    import hashlib
+
+    digest = hashlib.sha256(codebook.detach().float().cpu().contiguous().numpy().tobytes()).hexdigest()
+    node = ray.get_runtime_context().get_node_id()
+    Path(folder, f"codebook-rank{env.worker.rank}").write_text(json.dumps({"sha256": digest, "node": node}))
 
 
 # ------------------------------------------------------------------------------------------- the job
@@ -387,6 +453,7 @@ class JobEnv:
     progress: Progress
     hooks: dict[str, str]
     job_id: str
+    clock: CheckpointClock  # when to checkpoint (steps, wall-clock minutes, the last step)
 
 
 def loop_config(spec: Any, *, run_id: str, tracking_uri: str, job_id: str, sink: Any) -> dict[str, Any]:
@@ -426,4 +493,6 @@ def open_job(config: dict[str, Any]) -> JobEnv:
 
         run = RunLogger(config["tracking_uri"], config["run_id"])
     progress = Progress(config.get("sink"), spec.optim.steps, worker)
-    return JobEnv(spec, worker, run, progress, dict(config.get("hooks") or {}), config.get("job_id", ""))
+    c = spec.checkpoint
+    clock = CheckpointClock(c.every, c.every_minutes, spec.optim.steps, worker.device)
+    return JobEnv(spec, worker, run, progress, dict(config.get("hooks") or {}), config.get("job_id", ""), clock)

@@ -261,7 +261,12 @@ class ResourcesSpec(_Strict):
 
 
 class CheckpointSpec(_Strict):
-    every: int = Field(200, ge=1, description="steps")
+    every: int = Field(200, ge=1, le=10**9, description="steps")
+    every_minutes: float | None = Field(
+        5, gt=0, le=24 * 60,
+        description="also checkpoint once this much wall-clock time has passed since the last one (checked every "
+        "10 steps), so a lost node costs at most these minutes; null = steps only",
+    )
     keep: int = Field(2, ge=1)
     storage: str | None = Field(None, description="local dir or s3://...; null = <VQTRAIN_HOME>/checkpoints")
 

@@ -90,7 +90,7 @@ def train_loop(config: dict[str, Any]) -> None:
         grad_norm = prec.step(out.loss, opt, params, o.grad_clip)
         step += 1
         rate.tick(tokens.shape[0] * worker.world_size)
-        batches.sync_skipped(step, worker.device, step % spec.checkpoint.every == 0 or step == o.steps)
+        batches.sync_skipped(step, worker.device, env.clock.due(step))
 
         if worker.is_main:
             metrics = {"loss/total": out.loss.detach(), **{f"train/{k}": v for k, v in out.metrics.items()}}
@@ -106,7 +106,7 @@ def train_loop(config: dict[str, Any]) -> None:
         if worker.is_main and ((t.image_every and step % t.image_every == 0) or last):
             _log_samples(env, net, tok, step)
             rate.pause()
-        maybe_checkpoint(env, step, last, checkpoint_state, rate)
+        maybe_checkpoint(env, step, checkpoint_state, rate)
 
     result: dict[str, Any] = rate.summary()
     if worker.is_main:

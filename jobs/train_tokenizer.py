@@ -29,6 +29,7 @@ from jobs.common import (
     maybe_checkpoint,
     maybe_kill,
     open_job,
+    record_codebook,
     seed_everything,
     set_lr,
     train_batches,
@@ -117,7 +118,7 @@ def train_loop(config: dict[str, Any]) -> None:
             disc_metrics = {"loss/disc": d.loss.detach(), **{f"disc/{k}": v for k, v in d.metrics.items()}}
         step += 1
         rate.tick(images.shape[0] * worker.world_size)
-        batches.sync_skipped(step, worker.device, step % spec.checkpoint.every == 0 or step == o.steps)
+        batches.sync_skipped(step, worker.device, env.clock.due(step))
 
         if worker.is_main:
             metrics = {f"loss/{k}": v.detach() for k, v in out.losses.items()}
@@ -139,7 +140,7 @@ def train_loop(config: dict[str, Any]) -> None:
         if worker.is_main and ((t.image_every and step % t.image_every == 0) or last):
             _log_reconstructions(env, tok, preview, step)
             rate.pause()
-        maybe_checkpoint(env, step, last, checkpoint_state, rate)
+        maybe_checkpoint(env, step, checkpoint_state, rate)
 
     finish(env, tok, rate)
 
@@ -150,6 +151,7 @@ def finish(env: JobEnv, tok: Any, rate: Throughput) -> None:
     import ray.train
 
     result: dict[str, Any] = rate.summary()
+    record_codebook(env, tok.quantizer.effective_codebook())
     if env.worker.is_main:
         env.run.log_metrics(result, env.spec.optim.steps)
         env.run.flush()

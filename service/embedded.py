@@ -165,9 +165,17 @@ class MlflowServer:
 
 
 def start_mlflow_server(
-    root: Path, host: str = "127.0.0.1", port: int | None = None, timeout: float = 180.0
+    root: Path,
+    host: str = "127.0.0.1",
+    port: int | None = None,
+    timeout: float = 180.0,
+    backend_store_uri: str | None = None,
+    artifacts_destination: str | None = None,
+    env: dict[str, str] | None = None,
 ) -> MlflowServer:
-    """Start `mlflow server` with a SQLite backend in `root` and proxied artifacts under `root/artifacts`.
+    """Start `mlflow server` with a SQLite backend in `root` and proxied artifacts under `root/artifacts`
+    (or the given backend store, e.g. PostgreSQL, and destination, e.g. `s3://...` with its credentials in
+    `env`: the production layout).
 
     Artifacts go through the server (`mlflow-artifacts:/`), so Ray workers and `vqtrain pull` need no
     access to this machine's filesystem. Waits until `/health` answers.
@@ -178,12 +186,12 @@ def start_mlflow_server(
     log = root / "server.log"
     cmd = [
         sys.executable, "-m", "mlflow", "server",
-        "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-        "--serve-artifacts", "--artifacts-destination", str(root / "artifacts"),
+        "--backend-store-uri", backend_store_uri or f"sqlite:///{root / 'mlflow.db'}",
+        "--serve-artifacts", "--artifacts-destination", artifacts_destination or str(root / "artifacts"),
         "--host", host, "--port", str(port), "--workers", "1",
     ]  # fmt: skip
     # MLflow 3's background job runner (GenAI features) costs ~1.5 GB and startup time; not needed here.
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    env = {**os.environ, **(env or {}), "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     with open(log, "ab") as out:
         proc = subprocess.Popen(
             cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=root, env=env,
@@ -332,8 +340,15 @@ def _ray_temp_dir(home: Path) -> Path:
     return Path("/tmp") / f"vqray-{hashlib.sha1(str(home).encode()).hexdigest()[:10]}"
 
 
-def start_ray_head(home: Path | None = None, num_cpus: int | None = None, timeout: float = 180.0) -> RayHead:
-    """Start `ray start --head --block` detached, on free ports, and wait for the Jobs API."""
+def start_ray_head(
+    home: Path | None = None,
+    num_cpus: int | None = None,
+    timeout: float = 180.0,
+    env: dict[str, str] | None = None,
+) -> RayHead:
+    """Start `ray start --head --block` detached, on free ports, and wait for the Jobs API. `num_cpus=0`
+    makes a head that schedules no training (a cluster's head); `env` is added to the head's environment
+    (which its job drivers inherit)."""
     home = Path(home) if home else vqtrain_home()
     temp_dir = _ray_temp_dir(home)
     temp_dir.mkdir(parents=True, exist_ok=True)
@@ -348,11 +363,11 @@ def start_ray_head(home: Path | None = None, num_cpus: int | None = None, timeou
         "--dashboard-agent-grpc-port", str(agent_grpc),
         "--runtime-env-agent-port", str(env_agent),
         "--metrics-export-port", str(metrics),
-        "--num-cpus", str(num_cpus or os.cpu_count() or 1),
+        "--num-cpus", str(num_cpus if num_cpus is not None else os.cpu_count() or 1),
         "--temp-dir", str(temp_dir), "--disable-usage-stats",
     ]  # fmt: skip
     # no drain-on-SIGTERM wait (a Serve feature): stop() should end the head in seconds
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}
+    env = {**os.environ, **(env or {}), "RAY_USAGE_STATS_ENABLED": "0", "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}
     env.pop("RAY_ADDRESS", None)
     env.setdefault("RAY_AUTH_MODE", "token")  # an explicit RAY_AUTH_MODE=disabled is respected
     if env["RAY_AUTH_MODE"] == "token":

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from jobs.common import Worker
+from jobs.common import CheckpointClock, Worker
 from jobs.progress import Progress
 
 
@@ -41,7 +41,7 @@ def test_loaders_keep_local_data_under_the_allowed_roots(tmp_path, monkeypatch) 
                           "optim": optim, "data": {"train": str(images), **data}})
     tok = SimpleNamespace(config=SimpleNamespace(downsample=4, codebook_size=16))
     worker = _cpu_worker()
-    env = JobEnv(tz_spec, worker, None, Progress(None, 1, worker), {}, "z")
+    env = JobEnv(tz_spec, worker, None, Progress(None, 1, worker), {}, "z", CheckpointClock(10, None, 1, worker.device))
 
     monkeypatch.setenv(ALLOWED_ROOTS_ENV, json.dumps([str(tmp_path / "elsewhere")]))
     for build in (
@@ -168,3 +168,39 @@ def test_skipped_samples_are_summed_over_ranks_and_survive_a_resume(tmp_path) ->
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
     # SKIP_SYNC_EVERY (50) is beyond step 7: only the checkpoint at step 7 sums; before it, the resumed base
     assert r0 == r1 == [100] * 6 + [100 + 3 + (5 + 7)]
+
+
+def test_checkpoint_clock_by_steps_minutes_and_the_last_step(monkeypatch) -> None:
+    """Checkpoints every `every` steps, at the last step, and once `every_minutes` have passed since the last
+    one: the time rule is looked at only every TIME_CHECK_EVERY steps (ranks agree there) and restarts at
+    each checkpoint."""
+    import jobs.common as common
+
+    now = [1000.0]
+    monkeypatch.setattr(common.time, "monotonic", lambda: now[0])
+    clock = CheckpointClock(every=100, every_minutes=2, steps=250, device=torch.device("cpu"))
+    assert [s for s in range(1, 251) if clock.due(s)] == [100, 200, 250]  # no time passed
+
+    now[0] += 121  # past two minutes: the next multiple of TIME_CHECK_EVERY checkpoints
+    assert not clock.due(7) and clock.due(common.TIME_CHECK_EVERY * 3)
+    assert clock.due(common.TIME_CHECK_EVERY * 3)  # asked twice in one step (skipped sync, then the save)
+    clock.saved()
+    assert not clock.due(common.TIME_CHECK_EVERY * 4)  # the window restarts at each checkpoint
+    now[0] += 119
+    assert not clock.due(common.TIME_CHECK_EVERY * 5)
+    now[0] += 2
+    assert clock.due(common.TIME_CHECK_EVERY * 6)
+
+    steps_only = CheckpointClock(every=100, every_minutes=None, steps=250, device=torch.device("cpu"))
+    now[0] += 10**6
+    assert [s for s in range(1, 251) if steps_only.due(s)] == [100, 200, 250]
+
+
+def test_checkpoint_every_minutes_is_on_by_default() -> None:
+    from jobs.spec import SpecError, parse_spec
+
+    spec = parse_spec({"name": "t", "data": {"train": "/x"}})
+    assert spec.checkpoint.every_minutes == 5
+    assert parse_spec({"name": "t", "data": {"train": "/x"}, "checkpoint": {"every_minutes": None}}).checkpoint.every_minutes is None
+    with pytest.raises(SpecError, match="checkpoint.every_minutes"):
+        parse_spec({"name": "t", "data": {"train": "/x"}, "checkpoint": {"every_minutes": 0}})
