@@ -18,7 +18,15 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, TextIO
 
-from jobs.spec import JobSpec, SpecError, absolute_paths, load_spec, parse_spec, parse_text
+from jobs.spec import (
+    JobSpec,
+    SpecError,
+    absolute_paths,
+    cluster_storage_errors,
+    load_spec,
+    parse_spec,
+    parse_text,
+)
 
 LOOPS = {
     "tokenizer": "jobs.train_tokenizer:train_loop",
@@ -68,6 +76,16 @@ def connect_ray() -> None:
     ray.init(**ray_init_kwargs())
 
 
+def workers_elsewhere() -> bool:
+    """Whether this job's workers may run on other machines than its driver: the connected cluster has
+    several live nodes, or a head without CPUs (workers come from nodes an autoscaler adds)."""
+    import ray
+
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    head_cpus = sum(n["Resources"].get("CPU", 0) for n in nodes if "node:__internal_head__" in n["Resources"])
+    return len(nodes) > 1 or head_cpus == 0
+
+
 def run_job(
     spec: JobSpec,
     *,
@@ -96,6 +114,11 @@ def run_job(
     connect_ray()
 
     client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
+    if workers_elsewhere():  # `vqtrain run` or `ray job submit` on a cluster: what the service checks too
+        exp = client.get_experiment_by_name(spec.tracking.experiment) or client.get_experiment("0")
+        errors = cluster_storage_errors(spec, exp.artifact_location if exp is not None else None)
+        if errors:
+            raise SpecError(errors)
     run_id, exp_id, created = tracking.start_or_resume_run(
         client, spec.tracking.experiment, job_id, run_name=spec.name, tags={tracking.KIND_TAG: spec.kind}
     )

@@ -12,6 +12,8 @@ import json
 import re
 import shlex
 import threading
+import time
+import urllib.request
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -127,6 +129,24 @@ def spec_env(spec: dict[str, Any]) -> dict[str, str]:
     return {SPEC_ENV: spec_json(spec)}  # the form `check_spec_size` measures
 
 
+SHAPE_TTL_S = 30.0
+
+
+def cluster_spread(address: str) -> bool | None:
+    """True when the Ray cluster behind this Jobs API address has more than one live node or a head with no
+    CPU; False for a single node with CPUs; None when its State API does not answer."""
+    if not address.lower().startswith(("http://", "https://")):
+        return None
+    url = f"{address.rstrip('/')}/api/v0/nodes?limit=10000&detail=true"
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=embedded.ray_auth_headers()), timeout=5) as r:
+            nodes = [n for n in json.loads(r.read())["data"]["result"]["result"] if n.get("state") == "ALIVE"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    head_cpus = sum(float((n.get("resources_total") or {}).get("CPU", 0)) for n in nodes if n.get("is_head_node"))
+    return len(nodes) > 1 or head_cpus == 0
+
+
 class RayJobs:
     """A lazily connected `JobSubmissionClient` (the API keeps answering while Ray is away)."""
 
@@ -134,6 +154,7 @@ class RayJobs:
         self.address = address
         self._client: Any = None
         self._lock = threading.Lock()
+        self._shape: tuple[float, bool | None] | None = None
 
     def _get(self) -> Any:
         with self._lock:
@@ -160,6 +181,18 @@ class RayJobs:
             raise RayUnavailable(text) from e
         except Exception as e:  # requests' connection errors and the like
             raise RayUnavailable(f"Ray Jobs API at {self.address}: {e}") from e
+
+    def workers_elsewhere(self) -> bool | None:
+        """Whether a job's training workers may run on another machine than the one that submitted it: the
+        cluster has several live nodes, or its head offers no CPU (so workers come from nodes an autoscaler
+        adds). None when the Jobs API cannot say (the check is then left to the job's driver). Cached briefly:
+        every submission asks."""
+        now = time.monotonic()
+        if self._shape is not None and now - self._shape[0] < SHAPE_TTL_S:
+            return self._shape[1]
+        answer = cluster_spread(self.address)
+        self._shape = (now, answer)
+        return answer
 
     def submit(self, job_id: str, command: str, env: dict[str, str], runtime_env: dict[str, Any]) -> None:
         """Submit under `job_id`; an existing Ray job with that id counts as submitted (idempotent)."""

@@ -57,6 +57,24 @@ def _client(tracking_uri: str) -> Any:
     return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
 
 
+def artifact_root(tracking_uri: str, experiment: str) -> str | None:
+    """Where MLflow would keep a job's artifacts: the experiment's artifact location, or for a new experiment
+    the Default one's (the server's default root). A tracking URI that is no server (a file store, SQLite)
+    keeps them on the local disk. None when MLflow does not answer in time: the job's driver checks again."""
+    if not tracking_uri.lower().startswith(("http://", "https://")):
+        return "file:./mlruns"
+
+    def lookup() -> str | None:
+        client = _client(tracking_uri)
+        exp = client.get_experiment_by_name(experiment) or client.get_experiment("0")
+        return exp.artifact_location if exp is not None else None
+
+    try:
+        return call_with_deadline(lookup, deadline=5.0)
+    except Exception:  # noqa: BLE001 - an unreachable MLflow must not block the submission
+        return None
+
+
 def run_url(tracking_uri: str, experiment_id: str, run_id: str) -> str:
     if tracking_uri.startswith(("http://", "https://")):
         return f"{tracking_uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"

@@ -16,12 +16,13 @@ from jobs.spec import (
     SpecError,
     check_allowed_roots,
     check_spec_size,
+    cluster_storage_errors,
     local_paths,
     parse_spec,
     parse_text,
     redacted,
 )
-from service import store
+from service import registry, store
 from service.auth import Reader, Writer
 from service.manager import JobManager
 from service.ray_client import RayJobNotFound, RayUnavailable
@@ -105,6 +106,12 @@ def _service_checks(spec: JobSpec, request: Request) -> None:
         raise SpecError(errors)
     check_allowed_roots(spec, settings.allowed_roots)
     check_spec_size(spec)
+    manager = _manager(request)
+    if manager.ray.workers_elsewhere():
+        root = registry.artifact_root(manager.mlflow_uri, spec.tracking.experiment) if manager.mlflow_uri else None
+        errors = cluster_storage_errors(spec, root)
+        if errors:
+            raise SpecError(errors)
 
 
 def _scoped_key(token_sha256: str, key: str | None) -> str | None:

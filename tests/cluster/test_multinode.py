@@ -127,6 +127,15 @@ def _wait_registered(stack: Stack, job_id: str, step: int, timeout: float = 120)
         time.sleep(0.5)
 
 
+def _progress_step(server: LiveServer, job_id: str, timeout: float = 120) -> int:
+    """The step the service reports once it has read the job's progress lines."""
+    deadline = time.monotonic() + timeout
+    while (step := server.client().get(f"/v1/jobs/{job_id}").json()["progress"]["step"]) is None:
+        assert time.monotonic() < deadline, "the service shows no progress"
+        time.sleep(0.5)
+    return step
+
+
 def _ray_jobs(stack: Stack) -> list[dict]:
     req = urllib.request.Request(f"{stack.cluster.head.address}/api/jobs/", headers=embedded.ray_auth_headers())
     with urllib.request.urlopen(req, timeout=30) as r:
@@ -178,8 +187,7 @@ def test_job_on_two_nodes_survives_node_loss_placement_group_removal_and_service
         assert ranks[0]["node"] != ranks[1]["node"]
 
         # the service restarts mid-job: same state and progress at once, the job not submitted twice
-        time.sleep(2 * settings.poll_interval)  # the service has read the job's progress lines
-        before = server.client().get(f"/v1/jobs/{job_id}").raise_for_status().json()["progress"]["step"]
+        before = _progress_step(server, job_id)
         server.stop()
         server = LiveServer(settings, port).start()
         d = server.client().get(f"/v1/jobs/{job_id}").raise_for_status().json()
@@ -261,3 +269,35 @@ def test_cancel_after_a_service_restart_reaches_ray(stack: Stack, tmp_path: Path
             break
         time.sleep(1)
     assert ray_job["status"] == "STOPPED"
+
+
+def test_specs_that_need_this_machines_disk_are_refused_on_a_cluster(stack: Stack, cifar_slice, tmp_path: Path) -> None:
+    """Local shards and the default (local) checkpoint folder cannot work when the workers sit on other nodes:
+    the API refuses them at submission (422 naming each field, nothing stored), and so does the job's
+    driver when the spec reaches the cluster another way (`vqtrain run`, `ray job submit`): exit 2."""
+    from jobs.data.shards import make_shards
+
+    make_shards(str(cifar_slice.tar), str(tmp_path / "shards"), per_shard=100, progress=False)
+    spec = _spec(stack, "cluster-local")
+    spec["data"]["train"] = str(tmp_path / "shards" / "manifest.json")
+    del spec["checkpoint"]["storage"]
+    settings = _settings(stack, tmp_path / "service", {}).model_copy(update={"allowed_roots": [str(tmp_path)]})
+    server = LiveServer(settings, embedded.free_port()).start()
+    try:
+        stored = server.client().get("/v1/jobs").json()["total"]  # the store is shared with the other tests
+        r = server.client().post("/v1/jobs", json=spec)
+        assert r.status_code == 422, r.text
+        errors = {e["loc"]: e["msg"] for e in r.json()["detail"]}
+        assert set(errors) == {"data.train", "checkpoint.storage"}
+        assert "s3://" in errors["data.train"] and "s3://" in errors["checkpoint.storage"]
+        assert server.client().get("/v1/jobs").json()["total"] == stored
+    finally:
+        server.stop()
+
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env |= {"VQTRAIN_RAY_ADDRESS": stack.cluster.head.gcs_address, "RAY_AUTH_MODE": "token",
+            "MLFLOW_TRACKING_URI": stack.mlflow_url}  # fmt: skip
+    p = subprocess.run([sys.executable, "-m", "jobs.run", "--spec-json", json.dumps(spec)], capture_output=True,
+                       text=True, env=env, timeout=300)  # fmt: skip
+    assert p.returncode == 2, p.stderr[-3000:]
+    assert "data.train" in p.stderr and "checkpoint.storage" in p.stderr

@@ -269,3 +269,19 @@ def test_examples_validate(path):
 def test_examples_cover_every_kind():
     kinds = {load_spec(p).kind for p in (REPO / "examples").glob("*.yaml")}
     assert kinds == {"tokenizer", "maskgit", "tokenize"}
+
+
+def test_cluster_storage_errors_name_every_field_on_this_machines_disk() -> None:
+    """On a multi-node cluster: local shards, the default checkpoint folder, local token output and a
+    file: MLflow artifact root are refused with the field and what to use instead; object storage passes."""
+    from jobs.spec import cluster_storage_errors, parse_spec
+
+    local = parse_spec({"name": "t", "data": {"train": "/data/train", "eval": ["file:///data/eval"]}})
+    errors = {e["loc"]: e["msg"] for e in cluster_storage_errors(local, "file:///srv/mlruns")}
+    assert set(errors) == {"data.train", "data.eval[0]", "checkpoint.storage", "tracking.experiment"}
+    assert "s3://" in errors["data.train"] and "--serve-artifacts" in errors["tracking.experiment"]
+    assert cluster_storage_errors(local, "/srv/mlruns")[-1]["loc"] == "tracking.experiment"
+
+    shared = parse_spec({"name": "t", "data": {"train": "s3://b/train"}, "checkpoint": {"storage": "s3://b/ck"}})
+    assert cluster_storage_errors(shared, "mlflow-artifacts:/3") == []
+    assert cluster_storage_errors(shared, "s3://b/mlflow/3") == []
