@@ -399,25 +399,24 @@ _SHARED_INSTEAD = {
     "data": "put the shards in object storage (`vqtrain shards make SRC s3://bucket/prefix`) and name that",
     "checkpoint": "give checkpoint.storage: s3://bucket/prefix (the default is a folder on this machine)",
     "output": "write the token shards to object storage: output: s3://bucket/prefix",
-    "tokenizer": "register the tokenizer and name it as models:/name@alias, or give an s3:// path",
-    "model": "put the weights in object storage (s3://...) or on an http(s) URL you control",
     "tracking": "run MLflow with --serve-artifacts (artifacts behind the server, e.g. in S3), not a file: root",
 }
 
 
 def cluster_storage_errors(spec: JobSpec, artifact_root: str | None = None) -> list[dict[str, str]]:
-    """Field errors for a job whose workers run on other nodes of a Ray cluster: every local path (and the
-    default checkpoint folder), and an MLflow artifact root on the local disk, would be found on no other node
-    or, worse, written to a different disk on each. `artifact_root` is the MLflow experiment's artifact
-    location when known. Empty when the spec is fit for a cluster."""
+    """Field errors for a job whose workers run on other nodes of a Ray cluster: local shards, the checkpoint
+    folder (the default one too), token output and an MLflow artifact root on the local disk would be found
+    on no other node or, worse, written to a different disk on each. `artifact_root` is the MLflow
+    experiment's artifact location when known. Empty when the spec is fit for a cluster."""
     msg = "is on this machine's disk, which the job's workers on other nodes of the Ray cluster cannot see"
-    found = local_paths(spec)
+    # local weights and tokenizer files may be baked into the image every node runs: not refused
+    def section(loc: str) -> str:
+        return loc.split(".")[0].split("[")[0]
+
+    found = [(loc, path) for loc, path in local_paths(spec) if section(loc) in _SHARED_INSTEAD]
     if spec.checkpoint.storage is None:
         found.append(("checkpoint.storage", "<VQTRAIN_HOME>/checkpoints (the default)"))
-    errors = [
-        {"loc": loc, "msg": f"{path!r} {msg}: {_SHARED_INSTEAD[loc.split('.')[0].split('[')[0]]}"}
-        for loc, path in found
-    ]
+    errors = [{"loc": loc, "msg": f"{path!r} {msg}: {_SHARED_INSTEAD[section(loc)]}"} for loc, path in found]
     if artifact_root and (artifact_root.startswith(("file:", "/")) or ":" not in artifact_root):
         errors.append({"loc": "tracking.experiment",
                        "msg": f"the MLflow artifact root {artifact_root!r} {msg}: {_SHARED_INSTEAD['tracking']}"})  # fmt: skip
