@@ -252,3 +252,165 @@ def ray_launcher_schema() -> dict[str, Any]:
     spec = importlib.util.find_spec("ray")
     assert spec is not None and spec.origin is not None, "ray is not installed (extra `train`)"
     return json.loads((Path(spec.origin).parent / "autoscaler" / "ray-schema.json").read_text())
+
+
+# --- Dockerfile: instructions in order, shell commands in RUN ---------------------------------------
+
+
+@dataclass
+class Step:
+    """One instruction of a stage with the USER and WORKDIR in effect when it runs."""
+
+    instr: str
+    args: str
+    user: str | None  # None: the base image's default user (not set in this stage yet)
+    workdir: str
+
+
+def parser_directives(text: str) -> list[str]:
+    """`# key=value` lines at the top of a Dockerfile, which BuildKit reads as parser directives."""
+    found = []
+    for line in text.splitlines():
+        m = re.fullmatch(r"#\s*([a-zA-Z]+)\s*=.*", line.strip())
+        if not m:
+            break
+        found.append(m.group(1).lower())
+    return found
+
+
+@functools.cache
+def dockerfile_steps() -> dict[str, list[Step]]:
+    """The repository's Dockerfile as `parse_steps` gives it."""
+    return parse_steps(DOCKERFILE.read_text())
+
+
+def parse_steps(text: str) -> dict[str, list[Step]]:
+    """Stage name (or index) -> its instructions in order, each with the USER and WORKDIR in effect."""
+    global_args = {}
+    for instr, rest in dockerfile_instructions(text):
+        if instr == "FROM":
+            break
+        if instr == "ARG":
+            key, default = _arg_default(rest)
+            global_args[key] = default or ""
+    out: dict[str, list[Step]] = {}
+    steps: list[Step] = []
+    user: str | None = None
+    workdir = "/"
+    for instr, rest in dockerfile_instructions(text):
+        if instr == "FROM":
+            parts = [p for p in rest.split() if not p.startswith("--")]
+            name = parts[2] if len(parts) >= 3 and parts[1].upper() == "AS" else str(len(out))
+            steps, user, workdir = [], None, "/"
+            out[name] = steps
+            continue
+        if instr == "USER":
+            user = _substitute(rest, global_args)
+        elif instr == "WORKDIR":
+            workdir = str(Path(workdir, rest))
+        steps.append(Step(instr, rest, user, workdir))
+    return out
+
+
+def shell_commands(run_args: str) -> list[list[str]]:
+    """The simple commands of a shell-form RUN, split at `&&`, `||`, `;` and `|` (quotes respected)."""
+    import shlex
+
+    lexer = shlex.shlex(run_args, posix=True, punctuation_chars=True)
+    lexer.whitespace_split = True
+    commands: list[list[str]] = [[]]
+    for token in lexer:
+        if token in ("&&", "||", ";", "|", "&"):
+            commands.append([])
+        else:
+            commands[-1].append(token)
+    return [c for c in commands if c]
+
+
+# pip options that take a value (so the value is not a requirement)
+_PIP_VALUE_OPTIONS = {
+    "-c", "--constraint", "-r", "--requirement", "-i", "--index-url", "--extra-index-url", "-f",
+    "--find-links", "-w", "--wheel-dir", "-t", "--target", "--root", "--prefix", "--cache-dir",
+    "--timeout", "--retries", "--platform", "--python-version", "--implementation", "--abi",
+}  # fmt: skip
+
+
+@dataclass
+class PipCall:
+    command: str  # install / wheel / download
+    requirements: list[str]  # positional arguments (requirement specifiers or paths)
+    options: dict[str, list[str]]  # option -> values ('' for flags)
+
+
+def pip_calls(run_args: str) -> list[PipCall]:
+    """Every `pip install|wheel|download` (also `python -m pip ...`) in a RUN."""
+    calls = []
+    for cmd in shell_commands(run_args):
+        for i, word in enumerate(cmd[:-1]):
+            if Path(word).name in ("pip", "pip3") and cmd[i + 1] in ("install", "wheel", "download"):
+                break
+        else:
+            continue
+        reqs: list[str] = []
+        options: dict[str, list[str]] = {}
+        args = iter(cmd[i + 2 :])
+        for arg in args:
+            if arg.startswith("-"):
+                key, eq, value = arg.partition("=")
+                if not eq and key in _PIP_VALUE_OPTIONS:
+                    value = next(args, "")
+                options.setdefault(key, []).append(value)
+            elif arg in (">", ">>", "2>", "<"):
+                next(args, None)
+            else:
+                reqs.append(arg)
+        calls.append(PipCall(cmd[i + 1], reqs, options))
+    return calls
+
+
+def is_local_path(req: str) -> bool:
+    return req.startswith(("/", "./", "../")) or req == "." or req.endswith((".whl", ".tar.gz"))
+
+
+def requirement_name(req: str) -> str:
+    """'psycopg[binary]>=3' -> 'psycopg'; '"mlflow==${V}"' -> 'mlflow' (normalised, PEP 503)."""
+    m = re.match(r"[A-Za-z0-9][A-Za-z0-9._-]*", req.strip("'\""))
+    assert m, req
+    return re.sub(r"[-_.]+", "-", m.group(0)).lower()
+
+
+def requirement_extras(req: str) -> set[str]:
+    m = re.search(r"\[([^\]]*)\]", req)
+    return {e.strip().lower() for e in m.group(1).split(",")} if m else set()
+
+
+def constraints() -> dict[str, str]:
+    """constraints.txt as normalised name -> pinned version."""
+    pins = {}
+    for line in (REPO / "constraints.txt").read_text().splitlines():
+        line = line.split("#")[0].strip()
+        if line:
+            name, _, version = line.partition("==")
+            pins[requirement_name(name)] = version.strip()
+    return pins
+
+
+def dockerignore_allows(path: str) -> bool:
+    """Whether the repository's .dockerignore lets `path` (relative) into the build context.
+
+    Enough of Docker's rules for this repository's allow-list: the last matching pattern wins, `!` re-includes,
+    a pattern matches the path or any parent folder (fnmatch's `*` also spans folders, like `**`).
+    """
+    import fnmatch
+
+    parts = Path(path).parts
+    candidates = ["/".join(parts[: i + 1]) for i in range(len(parts))]
+    allowed = True
+    for raw in (REPO / ".dockerignore").read_text().splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        pattern = line.lstrip("!").strip("/")
+        if any(fnmatch.fnmatchcase(c, pattern) for c in candidates):
+            allowed = line.startswith("!")
+    return allowed
