@@ -4,6 +4,7 @@ run, and download a model's tokenizer directory (`vqtrain pull`). Imports mlflow
 from __future__ import annotations
 
 import concurrent.futures
+import os
 import re
 import shutil
 import tempfile
@@ -179,6 +180,8 @@ def download_model(ref: str, dest: Path, tracking_uri: str) -> Path:
     dest = Path(dest)
     if dest.exists() and any(dest.iterdir()):
         raise FileExistsError(f"{dest} exists and is not empty")
+    # through the tracking server, not presigned URLs naming the artifact store's in-cluster address
+    os.environ.setdefault("MLFLOW_ENABLE_PROXY_MULTIPART_DOWNLOAD", "false")
     mlflow.set_tracking_uri(tracking_uri)  # models:/ URIs resolve through the registry URI
     mlflow.set_registry_uri(tracking_uri)
     with tempfile.TemporaryDirectory(prefix="vqtrain-pull-") as tmp:
