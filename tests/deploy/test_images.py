@@ -271,3 +271,17 @@ def test_deploy_check_is_an_executable_bash_script() -> None:
     check = df.DEPLOY / "check"
     assert os.access(check, os.X_OK)
     subprocess.run(["bash", "-n", str(check)], check=True)
+
+
+def test_deploy_check_passed_on_the_current_deploy_files() -> None:
+    """deploy/check needs Docker and minutes, so CI does not run it; instead deploy/README.md records the
+    digest of the files its last PASS tested, and this fails when they have changed since."""
+    import runpy
+
+    digest = runpy.run_path(str(df.REPO / "deploy" / "standins" / "inputs_digest.py"))["inputs_digest"]()
+    recorded = re.search(r"tested deploy inputs `([0-9a-f]{12})`", (df.REPO / "deploy" / "README.md").read_text())
+    assert recorded, "deploy/README.md records no deploy/check run"
+    assert recorded.group(1) == digest, (
+        f"the Dockerfile or deploy files changed since deploy/check last passed ({recorded.group(1)} -> {digest}): "
+        "run deploy/check and record its tail and digest in deploy/README.md"
+    )
