@@ -72,7 +72,7 @@ def run_layout(layout: str, root: Path, train: str, bucket: str, aws: dict, mlfl
             cluster.add_node(f"n{i + 1}", num_cpus=cpus)
         cluster.wait_for_workers(len(nodes))
         env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-        env |= {"VQTRAIN_RAY_ADDRESS": cluster.head.gcs_address, "RAY_AUTH_MODE": "token",
+        env |= aws | {"VQTRAIN_RAY_ADDRESS": cluster.head.gcs_address, "RAY_AUTH_MODE": "token",
                 "MLFLOW_TRACKING_URI": mlflow}  # fmt: skip
         job = spec(train, bucket, steps, f"bench-{layout}")
         t0 = time.time()
