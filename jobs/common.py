@@ -301,8 +301,8 @@ TIME_CHECK_EVERY = 10  # steps between the ranks' agreement on a wall-clock chec
 
 class CheckpointClock:
     """When a loop checkpoints: every `checkpoint.every` steps, at the last step, and once
-    `checkpoint.every_minutes` of wall-clock time have passed since the last checkpoint (or the start), so a
-    lost node or worker group never costs more than those minutes, however slow the steps.
+    `checkpoint.every_minutes` of wall-clock time have passed since the last checkpoint (or the loop's start),
+    so a lost node or worker group costs at most those minutes plus TIME_CHECK_EVERY steps.
 
     `ray.train.report` is a barrier, so every rank must take the same decision although their clocks differ:
     the time rule is one MAX all-reduce every TIME_CHECK_EVERY steps (one host read per ten steps, none in
@@ -422,7 +422,7 @@ def _maybe_pause(step: int, worker: Worker, hooks: dict[str, str]) -> None:
         return
     folder = Path(hooks["VQTRAIN_TEST_PAUSE_DIR"])
     node = ray.get_runtime_context().get_node_id()
-    (folder / f"reached-{step}-rank{worker.rank}").write_text(json.dumps({"node": node, "pid": os.getpid()}))
+    _write_atomic(folder / f"reached-{step}-rank{worker.rank}", json.dumps({"node": node, "pid": os.getpid()}))
     while not (folder / f"release-{step}").exists():
         time.sleep(0.2)
 
@@ -437,7 +437,14 @@ def record_codebook(env: JobEnv, codebook: torch.Tensor) -> None:
 
     digest = hashlib.sha256(codebook.detach().float().cpu().contiguous().numpy().tobytes()).hexdigest()
     node = ray.get_runtime_context().get_node_id()
-    Path(folder, f"codebook-rank{env.worker.rank}").write_text(json.dumps({"sha256": digest, "node": node}))
+    _write_atomic(Path(folder, f"codebook-rank{env.worker.rank}"), json.dumps({"sha256": digest, "node": node}))
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """Whole or absent: the test polling for the file never reads half of it."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 # ------------------------------------------------------------------------------------------- the job

@@ -96,6 +96,7 @@ def train_loop(config: dict[str, Any]) -> None:
     preview: torch.Tensor | None = None
     rate = Throughput(worker.world_size)
     rate.pause()
+    env.clock.saved()  # the wall-clock window opens with training, not with model building and resuming
     while step < o.steps:
         maybe_kill(step, worker, env.hooks)
         set_lr(opt, lr_factor(step, o.steps, o.warmup_steps, o.schedule))

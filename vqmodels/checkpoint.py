@@ -158,10 +158,7 @@ def load_tokenizer(
     except ImportError as e:
         raise ImportError(f"{uri}: loading from MLflow needs the 'mlflow' package (pip install vqtrain[train])") from e
     registry_uri = tracking_uri if tracking_uri and uri.lower().startswith("models:") else None
-    # through the tracking server, not presigned URLs of its artifact store: those name the store's address
-    # inside the cluster (http://minio:9000), which a laptop behind a port-forward cannot resolve
-    os.environ.setdefault(NO_PRESIGNED_DOWNLOADS, "false")
-    with _registry_uri(registry_uri), tempfile.TemporaryDirectory(prefix="vqtokenizer-") as tmp:
+    with _registry_uri(registry_uri), _proxied_downloads(), tempfile.TemporaryDirectory(prefix="vqtokenizer-") as tmp:
         path = artifacts.download_artifacts(
             artifact_uri=uri, dst_path=tmp, tracking_uri=tracking_uri, registry_uri=registry_uri
         )
@@ -170,6 +167,21 @@ def load_tokenizer(
 
 _REGISTRY_ENV = "MLFLOW_REGISTRY_URI"
 NO_PRESIGNED_DOWNLOADS = "MLFLOW_ENABLE_PROXY_MULTIPART_DOWNLOAD"
+
+
+@contextlib.contextmanager
+def _proxied_downloads() -> Iterator[None]:
+    """Download through the tracking server, not from presigned URLs of its artifact store: those name the
+    store's address inside the cluster (http://minio:9000), which a laptop behind a port-forward cannot
+    resolve. Only for this download, and only when the user has not chosen."""
+    if NO_PRESIGNED_DOWNLOADS in os.environ:
+        yield
+        return
+    os.environ[NO_PRESIGNED_DOWNLOADS] = "false"
+    try:
+        yield
+    finally:
+        os.environ.pop(NO_PRESIGNED_DOWNLOADS, None)
 
 
 @contextlib.contextmanager

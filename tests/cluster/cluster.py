@@ -62,6 +62,7 @@ class Cluster:
             "--dashboard-agent-listen-port", str(agent_http), "--dashboard-agent-grpc-port", str(agent_grpc),
             "--runtime-env-agent-port", str(env_agent), "--metrics-export-port", str(metrics),
             "--temp-dir", str(folder / "ray"), "--disable-usage-stats",
+            "--min-worker-port", "0", "--max-worker-port", "0",  # raylets on one IP: no shared port range
         ]  # fmt: skip
         env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
         env |= self.node_env | {"TMPDIR": str(folder / "tmp"), "VQTRAIN_HOME": str(folder / "home"),
@@ -104,9 +105,11 @@ class Cluster:
             time.sleep(1)
 
     def stop(self) -> None:
-        for name in list(self.nodes):
-            self.remove_node(name)
-        self.head.stop()
+        try:
+            for name in list(self.nodes):
+                self.remove_node(name)
+        finally:
+            self.head.stop()
 
 
 @contextlib.contextmanager

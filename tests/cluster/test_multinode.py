@@ -30,6 +30,8 @@ from tests import servers
 from tests.cluster.cluster import Cluster, in_cluster, ray_cluster
 from tests.service.conftest import TOKENS, LiveServer, wait_for
 
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
 STEPS, EVERY = 30, 10
 PAUSES = (15, 25)
 
@@ -269,6 +271,19 @@ def test_cancel_after_a_service_restart_reaches_ray(stack: Stack, tmp_path: Path
             break
         time.sleep(1)
     assert ray_job["status"] == "STOPPED"
+
+    # the job's MLflow run ends KILLED, not RUNNING forever (Ray ended the driver with a signal)
+    from mlflow import MlflowClient
+
+    client = MlflowClient(stack.mlflow_url)
+    exp = client.get_experiment_by_name("cluster-tests")
+    deadline = time.monotonic() + 60
+    while True:
+        runs = client.search_runs([exp.experiment_id], filter_string=f"tags.`vqtrain.job_id` = '{job_id}'")
+        if (runs and runs[0].info.status == "KILLED") or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    assert [r.info.status for r in runs] == ["KILLED"]
 
 
 def test_specs_that_need_this_machines_disk_are_refused_on_a_cluster(stack: Stack, cifar_slice, tmp_path: Path) -> None:

@@ -152,19 +152,24 @@ def _skip_counting_rank(rank: int, port: int, out: str) -> None:
     dist.destroy_process_group()
 
 
-def test_skipped_samples_are_summed_over_ranks_and_survive_a_resume(tmp_path) -> None:
+def _run_two_ranks(target, tmp_path) -> None:
+    """`target(rank, port, out_dir)` in two spawned processes that form a gloo group; both must succeed."""
     import multiprocessing as mp
     import socket
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    procs = [mp.get_context("spawn").Process(target=_skip_counting_rank, args=(r, port, str(tmp_path))) for r in range(2)]
+    procs = [mp.get_context("spawn").Process(target=target, args=(r, port, str(tmp_path))) for r in range(2)]
     for p in procs:
         p.start()
     for p in procs:
         p.join(timeout=120)
     assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
+
+
+def test_skipped_samples_are_summed_over_ranks_and_survive_a_resume(tmp_path) -> None:
+    _run_two_ranks(_skip_counting_rank, tmp_path)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
     # SKIP_SYNC_EVERY (50) is beyond step 7: only the checkpoint at step 7 sums; before it, the resumed base
     assert r0 == r1 == [100] * 6 + [100 + 3 + (5 + 7)]
@@ -204,3 +209,28 @@ def test_checkpoint_every_minutes_is_on_by_default() -> None:
     assert parse_spec({"name": "t", "data": {"train": "/x"}, "checkpoint": {"every_minutes": None}}).checkpoint.every_minutes is None
     with pytest.raises(SpecError, match="checkpoint.every_minutes"):
         parse_spec({"name": "t", "data": {"train": "/x"}, "checkpoint": {"every_minutes": 0}})
+
+
+def _clock_rank(rank: int, port: int, out: str) -> None:
+    """Rank 1's clock has run past the window, rank 0's has not: both must checkpoint at the same step."""
+    import torch.distributed as dist
+
+    import jobs.common as common
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    clock = CheckpointClock(every=1000, every_minutes=1, steps=1000, device=torch.device("cpu"))
+    clock.since -= 61 * rank  # as if rank 1 had started a minute earlier
+    due = [s for s in range(1, 3 * common.TIME_CHECK_EVERY + 1) if clock.due(s)]
+    torch.save(due, f"{out}/clock{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_ranks_agree_on_a_wall_clock_checkpoint(tmp_path) -> None:
+    """`ray.train.report` is a barrier: a rank checkpointing alone would hang the job. The time rule is one
+    MAX all-reduce, so the rank whose clock is late decides for all."""
+    import jobs.common as common
+
+    _run_two_ranks(_clock_rank, tmp_path)
+    due = [torch.load(tmp_path / f"clock{r}.pt") for r in range(2)]
+    # every TIME_CHECK_EVERY steps, since nothing resets the window here
+    assert due[0] == due[1] == [common.TIME_CHECK_EVERY * k for k in (1, 2, 3)]
