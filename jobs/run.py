@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from jobs.spec import (
+    SHARED_ROOTS_ENV,
     JobSpec,
     SpecError,
     absolute_paths,
@@ -105,6 +106,7 @@ def run_job(
 
     from jobs import tracking
     from jobs.common import checkpoint_storage, loop_config
+    from jobs.data.storage import parse_roots
     from jobs.progress import ProgressPrinter, ProgressSink
 
     preflight(spec)
@@ -116,7 +118,8 @@ def run_job(
     client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
     if workers_elsewhere():  # `vqtrain run` or `ray job submit` on a cluster: what the service checks too
         exp = client.get_experiment_by_name(spec.tracking.experiment) or client.get_experiment("0")
-        errors = cluster_storage_errors(spec, exp.artifact_location if exp is not None else None)
+        shared = parse_roots(os.environ.get(SHARED_ROOTS_ENV, ""))
+        errors = cluster_storage_errors(spec, exp.artifact_location if exp is not None else None, shared)
         if errors:
             raise SpecError(errors)
     run_id, exp_id, created = tracking.start_or_resume_run(
@@ -212,6 +215,11 @@ class JobFailed(RuntimeError):
 
 
 def _read_spec(args: argparse.Namespace) -> JobSpec:
+    if args.spec_env is not None:  # how the service passes it: never in argv, which /proc shows to everyone
+        text = os.environ.get(args.spec_env)
+        if not text:
+            raise SpecError([{"loc": "", "msg": f"--spec-env: ${args.spec_env} is not set"}])
+        return parse_spec(parse_text(text, f"${args.spec_env}"))
     if args.spec_json is not None:
         return parse_spec(parse_text(args.spec_json, "--spec-json"))
     if args.spec is None:
@@ -226,6 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m jobs.run", description=__doc__.splitlines()[0])
     parser.add_argument("spec", nargs="?", help="path of the job spec (YAML or JSON)")
     parser.add_argument("--spec-json", help="the spec itself, as JSON/YAML text")
+    parser.add_argument("--spec-env", metavar="VAR", help="read the spec (JSON/YAML text) from this environment variable")
     parser.add_argument("--job-id", help="job id (default: $VQTRAIN_JOB_ID or a new one)")
     args = parser.parse_args(argv)
     try:

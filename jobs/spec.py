@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import math
 import os
 import re
 import typing
@@ -25,6 +26,7 @@ from pydantic import (
     model_validator,
 )
 
+from jobs.credentials import credential_errors, redact_spec
 from jobs.spec_sections import (  # noqa: F401  (re-exported: jobs.spec is the public module)
     _KIND,
     _MODEL_URI,
@@ -183,7 +185,10 @@ def errors_from(exc: ValidationError) -> list[dict[str, str]]:
     seen: set[tuple[str, str]] = set()
     errors = exc.errors(include_url=False)
     bad_kind = any(e["loc"] == ("kind",) for e in errors)
-    for err in errors:
+    for n, err in enumerate(errors):
+        if len(result) >= MAX_ERRORS:
+            result.append({"loc": "", "msg": f"... and {len(errors) - n} more errors"})
+            break
         if bad_kind and err["type"] == "model_for_kind":
             continue  # the model cannot be checked against an unknown kind; the kind error says it all
         parts = _loc(err["loc"])
@@ -215,21 +220,95 @@ def parse_spec(data: Any) -> JobSpec:
         raise SpecError(
             [{"loc": "", "msg": f"a spec is a mapping (YAML/JSON object), got {type(data).__name__}"}]
         )
+    if leaks := credential_errors(data):  # refused first: a spec with a secret must go nowhere
+        raise SpecError(leaks)
     try:
         return JobSpec.model_validate(dict(data))
     except ValidationError as e:
         raise SpecError(errors_from(e)) from None
 
 
-class _NoAliasLoader(yaml.SafeLoader):
-    """Safe YAML without aliases: nested `*refs` expand a few hundred bytes into gigabytes when the spec is
-    stored or sent on ("billion laughs"), and a job spec has no need of them."""
+MAX_DEPTH = 32  # nesting levels of a spec document; a real spec uses 4
+MAX_INT_DIGITS = 30  # Python refuses int() of over 4,300 digits with a ValueError, not a YAML error
+MAX_ERRORS = 50  # field errors reported at once; a body of 20,000 unknown fields gets a small answer
+
+
+class _PlainLoader(yaml.SafeLoader):
+    """Safe YAML restricted to plain data. No aliases: nested `*refs` expand a few hundred bytes into
+    gigabytes when the spec is stored or sent on ("billion laughs"). Nesting at most MAX_DEPTH (deeper input
+    overflows the recursive composer), integers of at most MAX_INT_DIGITS digits, and only JSON's types: a
+    `!!binary`, `!!set` or `!!omap` value has no place in a spec and cannot be stored as JSON; a date stays the
+    string it was written as."""
+
+    def __init__(self, stream: Any) -> None:
+        super().__init__(stream)
+        self._depth = 0
 
     def compose_node(self, parent: Any, index: Any) -> Any:
         if self.check_event(yaml.AliasEvent):
             mark = self.peek_event().start_mark
             raise yaml.composer.ComposerError(None, None, "aliases (*name) are not allowed in a job spec", mark)
-        return super().compose_node(parent, index)
+        self._depth += 1
+        try:
+            if self._depth > MAX_DEPTH:
+                mark = self.peek_event().start_mark
+                raise yaml.composer.ComposerError(None, None, f"nested deeper than {MAX_DEPTH} levels", mark)
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+    def construct_yaml_int(self, node: Any) -> int:
+        if len(node.value) > MAX_INT_DIGITS:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"an integer of {len(node.value)} characters (at most {MAX_INT_DIGITS})", node.start_mark
+            )
+        return super().construct_yaml_int(node)
+
+    def refuse_tag(self, node: Any) -> Any:
+        raise yaml.constructor.ConstructorError(
+            None, None, f"{node.tag} values are not allowed in a job spec (strings, numbers, booleans, lists and "
+            "mappings only)", node.start_mark,
+        )  # fmt: skip
+
+
+_PlainLoader.add_constructor("tag:yaml.org,2002:int", _PlainLoader.construct_yaml_int)
+_PlainLoader.add_constructor("tag:yaml.org,2002:timestamp", _PlainLoader.construct_yaml_str)
+for _tag in ("binary", "set", "omap", "pairs"):
+    _PlainLoader.add_constructor(f"tag:yaml.org,2002:{_tag}", _PlainLoader.refuse_tag)
+
+
+def _valid_unicode(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _plain_errors(value: Any, loc: str, errors: list[dict[str, str]]) -> None:
+    """What JSON cannot carry or a job should never see: non-string keys, NUL characters (they cut C strings,
+    paths among them), non-finite numbers (JSON has none; stored as null they would silently change a field)."""
+    if len(errors) >= MAX_ERRORS:
+        return
+    if isinstance(value, dict):
+        for k, v in value.items():
+            if not isinstance(k, str) or not _valid_unicode(k):
+                errors.append({"loc": loc, "msg": f"keys must be strings of valid Unicode, got {k!r}"[:200]})
+                continue
+            _plain_errors(v, f"{loc}.{k}" if loc else k, errors)
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            _plain_errors(v, f"{loc}[{i}]", errors)
+    elif isinstance(value, str):
+        if "\x00" in value:
+            errors.append({"loc": loc, "msg": "contains a NUL character"})
+        elif not _valid_unicode(value):  # JSON's "\ud800" escapes: no UTF-8 (nor database) can store them
+            errors.append({"loc": loc, "msg": "contains an unpaired surrogate (not valid Unicode)"})
+    elif isinstance(value, float):
+        if not math.isfinite(value):
+            errors.append({"loc": loc, "msg": f"must be a finite number, got {value}"})
+    elif value is not None and not isinstance(value, (bool, int)):
+        errors.append({"loc": loc, "msg": f"a {type(value).__name__} is not allowed here"})
 
 
 MAX_SPEC_JSON_BYTES = 96 * 1024  # a spec reaches the job as one environment variable / argument (128 KiB)
@@ -257,11 +336,15 @@ def check_spec_size(spec: JobSpec) -> None:
 def parse_text(text: str, source: str = "<spec>") -> Any:
     """YAML or JSON text → a Python object; a syntax error becomes a SpecError with the line."""
     try:
-        docs = [d for d in yaml.load_all(text, Loader=_NoAliasLoader) if d is not None]
-    except yaml.YAMLError as e:
-        raise SpecError([{"loc": "", "msg": f"{source} is not valid YAML/JSON: {e}"}]) from None
+        docs = [d for d in yaml.load_all(text, Loader=_PlainLoader) if d is not None]
+    except (yaml.YAMLError, RecursionError, ValueError) as e:
+        raise SpecError([{"loc": "", "msg": f"{source} is not valid YAML/JSON: {e}"[:2000]}]) from None
     if len(docs) != 1:
         raise SpecError([{"loc": "", "msg": f"{source} must hold exactly one document, found {len(docs)}"}])
+    errors: list[dict[str, str]] = []
+    _plain_errors(docs[0], "", errors)
+    if errors:
+        raise SpecError(errors)
     return docs[0]
 
 
@@ -300,21 +383,11 @@ def flatten_spec(spec: JobSpec) -> dict[str, str]:
 
 
 def redacted(spec: JobSpec | Mapping[str, Any]) -> dict[str, Any]:
-    """The spec (or its stored JSON form) with credential-like storage options replaced by '***'."""
+    """The spec (or its stored JSON form) for showing: values under secret-looking storage-option keys,
+    URL user-info and credential-shaped strings replaced by '***' (specs with credentials are refused, but
+    rows stored before that rule, or a credential no rule knows by name, may still hold some)."""
     data = spec.model_dump(mode="json") if isinstance(spec, JobSpec) else json.loads(json.dumps(spec))
-    section = data.get("data")
-    if isinstance(section, dict) and isinstance(section.get("storage_options"), dict):
-        section["storage_options"] = _redact(section["storage_options"])
-    return data
-
-
-def _redact(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {
-            k: ("***" if _SECRET_KEYS.search(str(k)) and isinstance(v, str) else _redact(v))
-            for k, v in value.items()
-        }
-    return value
+    return redact_spec(data)
 
 
 def local_paths(spec: JobSpec) -> list[tuple[str, str]]:
@@ -353,13 +426,17 @@ def _static_prefix(path: str) -> Path:
     return Path(head if head.endswith("/") or cut == len(path) else head.rsplit("/", 1)[0] or "/")
 
 
+# `..` as a path part or a brace alternative (`{..,a}`): past a pattern character it escapes the prefix check
+_DOTDOT = re.compile(r"(^|[/{,])\.\.($|[/},])")
+
+
 def check_allowed_roots(spec: JobSpec, roots: Iterable[str | Path], base: str | Path | None = None) -> None:
     """Service side: every local path must resolve under one of `roots` (relative paths from `base`)."""
     resolved_roots = [Path(r).expanduser().resolve() for r in roots]
     base_dir = Path(base or Path.cwd())
     errors = []
     for loc, path in local_paths(spec):
-        if ".." in Path(path[_pattern_start(path) :]).parts:  # after a pattern character it would escape the prefix check
+        if _DOTDOT.search(path[_pattern_start(path) :]):  # after a pattern character it would escape the prefix check
             errors.append({"loc": loc, "msg": f"local path {path!r} must not contain '..' after a pattern"})
             continue
         p = _static_prefix(path).expanduser()
@@ -394,26 +471,38 @@ def absolute_paths(spec: JobSpec, base: str | Path) -> JobSpec:
     return parse_spec(data)
 
 
+SHARED_ROOTS_ENV = "VQTRAIN_SHARED_ROOTS"  # local paths every node mounts (NFS, EFS, Lustre): fine on a cluster
+
 # what to use instead of this machine's disk, per field, when the job's workers sit on other nodes
 _SHARED_INSTEAD = {
-    "data": "put the shards in object storage (`vqtrain shards make SRC s3://bucket/prefix`) and name that",
+    "data": "put the shards in object storage (`vqtrain shards make SRC s3://bucket/prefix`) and name that, or "
+    f"list a filesystem every node mounts in ${SHARED_ROOTS_ENV}",
     "checkpoint": "give checkpoint.storage: s3://bucket/prefix (the default is a folder on this machine)",
     "output": "write the token shards to object storage: output: s3://bucket/prefix",
     "tracking": "run MLflow with --serve-artifacts (artifacts behind the server, e.g. in S3), not a file: root",
 }
 
 
-def cluster_storage_errors(spec: JobSpec, artifact_root: str | None = None) -> list[dict[str, str]]:
+def cluster_storage_errors(
+    spec: JobSpec, artifact_root: str | None = None, shared_roots: Iterable[str] = ()
+) -> list[dict[str, str]]:
     """Field errors for a job whose workers run on other nodes of a Ray cluster: local shards, the checkpoint
     folder (the default one too), token output and an MLflow artifact root on the local disk would be found
     on no other node or, worse, written to a different disk on each. `artifact_root` is the MLflow
-    experiment's artifact location when known. Empty when the spec is fit for a cluster."""
+    experiment's artifact location when known; paths under `shared_roots` (a filesystem every node mounts,
+    `$VQTRAIN_SHARED_ROOTS`) pass. Empty when the spec is fit for a cluster."""
     msg = "is on this machine's disk, which the job's workers on other nodes of the Ray cluster cannot see"
     # local weights and tokenizer files may be baked into the image every node runs: not refused
     def section(loc: str) -> str:
         return loc.split(".")[0].split("[")[0]
 
-    found = [(loc, path) for loc, path in local_paths(spec) if section(loc) in _SHARED_INSTEAD]
+    shared = [Path(r).expanduser().resolve() for r in shared_roots]
+
+    def on_shared(path: str) -> bool:
+        p = _static_prefix(path).expanduser().resolve()
+        return any(p == r or r in p.parents for r in shared)
+
+    found = [(loc, path) for loc, path in local_paths(spec) if section(loc) in _SHARED_INSTEAD and not on_shared(path)]
     if spec.checkpoint.storage is None:
         found.append(("checkpoint.storage", "<VQTRAIN_HOME>/checkpoints (the default)"))
     errors = [{"loc": loc, "msg": f"{path!r} {msg}: {_SHARED_INSTEAD[section(loc)]}"} for loc, path in found]

@@ -52,8 +52,32 @@ class SpecError(ValueError):
         super().__init__("invalid job spec:\n" + "\n".join(lines))
 
 
+MAX_NUMBER = 10**12  # no spec number is larger; past it a typo or an attack, never a setting
+
+
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # allow_inf_nan=False: `lr: .inf` or `1e400` would be stored as JSON null, and `grad_clip: Infinity`
+    # would silently turn clipping off
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _bounded(cls, v: Any) -> Any:
+        """A ceiling for every number a section holds (quantizer options included); fields with a tighter
+        meaningful bound say so in their own `le=`."""
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and abs(v) > MAX_NUMBER:
+            raise ValueError(f"must be at most {MAX_NUMBER:.0e} in size")
+        return v
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def no_control_characters(v: str) -> str:
+    """Names end up in log lines, MLflow and terminals: a newline could forge a protocol line."""
+    if _CONTROL.search(v):
+        raise ValueError("must not contain control characters (newlines, tabs, ...)")
+    return v
 
 
 def check_url(url: str, field: str = "url") -> str:
@@ -97,10 +121,10 @@ class DataSpec(_Strict):
     eval: str | list[str] | None = Field(None, description="same forms as train; optional")
     image_size: int = Field(32, ge=8, le=4096)
     storage_options: dict[str, Any] = Field(default_factory=dict, description="passed to fsspec/s3fs")
-    shuffle_buffer: int = Field(1000, ge=0)
-    num_workers: int = Field(1, ge=0, description="dataloader workers per training worker")
+    shuffle_buffer: int = Field(1000, ge=0, le=10**7)
+    num_workers: int = Field(1, ge=0, le=64, description="dataloader workers per training worker")
     epoch_batches: int | None = Field(
-        None, ge=1, description="batches per rank per epoch; null = from manifest"
+        None, ge=1, le=10**9, description="batches per rank per epoch; null = from manifest"
     )
 
     _urls = field_validator("train", "eval")(_check_urls)
@@ -110,28 +134,30 @@ class DataSpec(_Strict):
 
 
 class AdversarialSpec(_Strict):
-    weight: float = Field(0.1, ge=0)
-    start_step: int = Field(2000, ge=0)
+    weight: float = Field(0.1, ge=0, le=1000)
+    start_step: int = Field(2000, ge=0, le=10**9)
     loss: Literal["hinge", "non_saturating"] = "hinge"
-    disc_channels: int = Field(64, ge=1)
+    disc_channels: int = Field(64, ge=1, le=4096)
 
 
 class PerceptualSpec(_Strict):
     weights: str = Field(description="path to the perceptual network's weights (.pt)")
-    weight: float = Field(1.0, ge=0)
+    weight: float = Field(1.0, ge=0, le=1000)
+
+    _url = field_validator("weights")(_check_urls)
 
 
 class TokenizerModelSpec(_Strict):
     """Stage one: a convolutional VQ autoencoder (VQ-VAE / VQGAN style)."""
 
-    channels: int = Field(64, ge=1)
+    channels: int = Field(64, ge=1, le=4096)
     channel_mult: list[int] = Field(
         [1, 2, 2], min_length=2, max_length=5, description="downsampling = 2 ** (len - 1): 2 to 16"
     )
-    res_blocks: int = Field(1, ge=1)
+    res_blocks: int = Field(1, ge=1, le=32)
     attention: bool = False
-    code_dim: int = Field(64, ge=1)
-    codebook_size: int = Field(1024, ge=2)
+    code_dim: int = Field(64, ge=1, le=8192)
+    codebook_size: int = Field(1024, ge=2, le=2**24)
     rec_loss: Literal["l1", "l2"] = "l2"
     adversarial: AdversarialSpec | None = None
     perceptual: PerceptualSpec | None = None
@@ -139,22 +165,22 @@ class TokenizerModelSpec(_Strict):
     @field_validator("channel_mult")
     @classmethod
     def _positive(cls, v: list[int]) -> list[int]:
-        if any(m < 1 for m in v):
-            raise ValueError("every multiplier must be >= 1")
+        if any(m < 1 or m > 64 for m in v):
+            raise ValueError("every multiplier must be between 1 and 64")
         return v
 
 
 class MaskGITModelSpec(_Strict):
     """Stage two: a bidirectional transformer over a frozen tokenizer's codes."""
 
-    dim: int = Field(256, ge=8)
-    depth: int = Field(4, ge=1)
-    heads: int = Field(4, ge=1)
-    mlp_ratio: int = Field(4, ge=1)
+    dim: int = Field(256, ge=8, le=16384)
+    depth: int = Field(4, ge=1, le=256)
+    heads: int = Field(4, ge=1, le=256)
+    mlp_ratio: int = Field(4, ge=1, le=64)
     schedule: Literal["cosine", "linear", "square"] = "cosine"
     label_smoothing: float = Field(0.1, ge=0, lt=1)
     class_dropout: float = Field(0.1, ge=0, le=1)
-    num_classes: int | None = Field(10, ge=1, description="null = unconditional")
+    num_classes: int | None = Field(10, ge=1, le=10**6, description="null = unconditional")
 
     @model_validator(mode="after")
     def _heads_divide_dim(self) -> MaskGITModelSpec:
@@ -236,15 +262,15 @@ QuantizerSpec = create_model(
 
 
 class OptimSpec(_Strict):
-    steps: int = Field(1000, ge=1)
-    batch_size: int = Field(64, ge=1, description="per worker")
-    lr: float = Field(3.0e-4, gt=0)
+    steps: int = Field(1000, ge=1, le=10**9)
+    batch_size: int = Field(64, ge=1, le=65536, description="per worker")
+    lr: float = Field(3.0e-4, gt=0, le=10)
     schedule: Literal["constant", "cosine"] = "cosine"
-    warmup_steps: int = Field(0, ge=0)
-    grad_clip: float | None = Field(1.0, gt=0, description="null = off")
-    weight_decay: float = Field(0.0, ge=0)
+    warmup_steps: int = Field(0, ge=0, le=10**9)
+    grad_clip: float | None = Field(1.0, gt=0, le=10**6, description="null = off")
+    weight_decay: float = Field(0.0, ge=0, le=10)
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
-    seed: int = Field(0, ge=0)
+    seed: int = Field(0, ge=0, le=2**32 - 1)
 
     @model_validator(mode="after")
     def _warmup_fits(self) -> OptimSpec:
@@ -254,33 +280,35 @@ class OptimSpec(_Strict):
 
 
 class ResourcesSpec(_Strict):
-    workers: int = Field(1, ge=1)
-    cpus_per_worker: float = Field(1, gt=0)
-    gpus_per_worker: float = Field(0, ge=0)
-    max_failures: int = Field(2, ge=0, description="worker-group restarts from the last checkpoint")
+    workers: int = Field(1, ge=1, le=4096)
+    cpus_per_worker: float = Field(1, gt=0, le=1024)
+    gpus_per_worker: float = Field(0, ge=0, le=16, description="a worker's GPUs sit on one node: at most 16")
+    max_failures: int = Field(2, ge=0, le=1000, description="worker-group restarts from the last checkpoint")
 
 
 class CheckpointSpec(_Strict):
     every: int = Field(200, ge=1, le=10**9, description="steps")
     every_minutes: float | None = Field(
         5, gt=0, le=24 * 60,
-        description="also checkpoint once this much wall-clock time has passed since the last one (checked every "
-        "10 steps), so a lost node costs at most these minutes; null = steps only",
+        description="also checkpoint once this much wall-clock time has passed since the last one (looked at every "
+        "10 steps), so a lost node costs about these minutes plus 10 steps; null = steps only",
     )
-    keep: int = Field(2, ge=1)
+    keep: int = Field(2, ge=1, le=1000)
     storage: str | None = Field(None, description="local dir or s3://...; null = <VQTRAIN_HOME>/checkpoints")
 
     _url = field_validator("storage")(_check_urls)
 
 
 class TrackingSpec(_Strict):
-    experiment: str = Field("vqtrain", min_length=1)
-    eval_every: int = Field(200, ge=0, description="steps; 0 = off")
-    image_every: int = Field(200, ge=0, description="steps; 0 = off")
+    experiment: str = Field("vqtrain", min_length=1, max_length=200)
+    eval_every: int = Field(200, ge=0, le=10**9, description="steps; 0 = off")
+    image_every: int = Field(200, ge=0, le=10**9, description="steps; 0 = off")
+
+    _names = field_validator("experiment")(no_control_characters)
 
 
 class RegisterSpec(_Strict):
-    model_name: str | None = Field(None, pattern=NAME_PATTERN, description="null = the job's name")
+    model_name: str | None = Field(None, pattern=NAME_PATTERN, max_length=100, description="null = the job's name")
     alias: str | None = Field(
         "latest",
         pattern=ALIAS_PATTERN,

@@ -9,8 +9,10 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from service import embedded, store
@@ -58,6 +60,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings = settings
 
+    @app.exception_handler(RequestValidationError)
+    async def _bad_request(_: Request, exc: RequestValidationError) -> JSONResponse:
+        # one shape for every 422 (a spec's errors too): `loc` a dotted path such as `header.idempotency-key`
+        errors = [{"loc": ".".join(str(p) for p in e["loc"]), "msg": str(e["msg"])[:500], "type": e["type"]}
+                  for e in exc.errors()[:50]]  # fmt: skip
+        return JSONResponse({"detail": errors}, status_code=422)
+
     @app.exception_handler(RayUnavailable)
     async def _ray_down(_: Request, exc: RayUnavailable) -> JSONResponse:
         return JSONResponse({"detail": f"Ray is unavailable: {exc}"}, status_code=503)
@@ -69,4 +78,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     app.include_router(jobs_router.router)
     app.include_router(models_router.router)
+    generated = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        schema = generated()  # FastAPI's, cached on the app: add the spec's schemas once
+        schemas = schema.setdefault("components", {}).setdefault("schemas", {})
+        schemas.update(jobs_router.spec_components())
+        if "ValidationError" in schemas:  # FastAPI's own 422 body, as `_bad_request` writes it
+            schemas["ValidationError"]["properties"]["loc"] = {"type": "string", "title": "Loc",
+                                                               "description": "e.g. query.limit, header.idempotency-key"}  # fmt: skip
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
     return app

@@ -22,7 +22,13 @@ bearer = HTTPBearer(auto_error=False, description="vqtrain API token")
 class Principal:
     name: str
     read_only: bool
-    token_sha256: str = ""  # which token (names need not be unique): scopes idempotency keys
+    token_sha256: str = ""  # which token: scopes idempotency keys
+    admin: bool = False  # may cancel any job (others: only the jobs they submitted)
+
+    @property
+    def owner(self) -> str:
+        """What a job it submits records as its owner: the name, and which token (names need not be unique)."""
+        return f"{self.name[:80]}@{self.token_sha256[:16]}"
 
 
 def match_token(token: str, entries: list[TokenEntry]) -> TokenEntry | None:
@@ -47,7 +53,7 @@ def require_reader(
         raise HTTPException(
             status.HTTP_401_UNAUTHORIZED, "invalid token", headers={"WWW-Authenticate": "Bearer"}
         )
-    return Principal(entry.name, entry.read_only, entry.sha256)
+    return Principal(entry.name, entry.read_only, entry.sha256, entry.admin)
 
 
 def require_writer(principal: Annotated[Principal, Depends(require_reader)]) -> Principal:

@@ -94,7 +94,7 @@ def run(
             f"cluster: `VQTRAIN_RAY_ADDRESS={address} vqtrain serve`, then `vqtrain submit {spec_file}`"
         )
     uri = tracking_uri()
-    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PYTHONUNBUFFERED": "1"}
+    env = embedded.without_service_secrets({**os.environ, "MLFLOW_TRACKING_URI": uri, "PYTHONUNBUFFERED": "1"})
     log_dir = embedded.vqtrain_home() / "runs"
     log_dir.mkdir(parents=True, exist_ok=True)
     log_path = log_dir / f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}.log"
@@ -200,7 +200,7 @@ def local_token(home: Path) -> str:
 def serve(
     host: Annotated[str, typer.Option(help="Interface for the API.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port for the API.")] = 8000,
-    num_cpus: Annotated[int | None, typer.Option(help="CPUs of the local Ray head (default: all).")] = None,
+    num_cpus: Annotated[int | None, typer.Option(min=1, help="CPUs of the local Ray head (default: all).")] = None,
 ) -> None:
     """Run the service: local Ray head, local MLflow server, SQLite store, API (unless configured)."""
     import uvicorn
@@ -222,11 +222,14 @@ def serve(
     if not settings.allowed_roots:
         settings.allowed_roots = [str(Path.cwd().resolve()), str(home)]
     url = f"http://{host}:{port}"
-    (home / "service.json").write_text(json.dumps({"url": url, "pid": os.getpid()}))
+    embedded.write_private(home / "service.json", json.dumps({"url": url, "pid": os.getpid()}))
     typer.echo(f"vqtrain API:   {url}  (docs {url}/docs; {token_note})")
     typer.echo(f"MLflow UI:     {settings.mlflow_uri}")
     typer.echo(f"Ray dashboard: {settings.ray_address}")
     typer.echo(f"local data roots: {', '.join(settings.allowed_roots)}")
+    # uvicorn shuts down on SIGTERM, then re-raises it: with the default handler the process would die before
+    # the `finally` below and leave a stale service.json that points clients at nothing
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
         uvicorn.run(create_app(settings), host=host, port=port, log_level="info")
     finally:

@@ -32,12 +32,42 @@ from pathlib import Path
 MLFLOW_STATE = "mlflow.json"
 RAY_STATE = "ray.json"
 _KEEP: list[subprocess.Popen] = []  # detached children stay referenced while this process lives
+# the service's own API tokens: no child needs them, and what a Ray head inherits reaches every job
+SERVICE_SECRETS = ("VQTRAIN_TOKENS", "VQTRAIN_TOKEN")
+
+
+def without_service_secrets(env: dict[str, str]) -> dict[str, str]:
+    """`env` without the service's API tokens (for every process the service starts, and for its jobs)."""
+    return {k: v for k, v in env.items() if k not in SERVICE_SECRETS}
+
+
+def private_file(path: Path) -> None:
+    """Make an existing file readable by its owner only (0600); refuse one that others may read and that
+    this user cannot fix."""
+    mode = path.stat().st_mode & 0o777
+    if mode & 0o077:
+        try:
+            os.chmod(path, 0o600)
+        except PermissionError:
+            raise PermissionError(
+                f"{path} is readable by other users (mode {mode:o}) and not ours to fix: `chmod 600 {path}`"
+            ) from None
+
+
+def write_private(path: Path, text: str) -> None:
+    """Write `text` to `path` atomically, created 0600 (state files name pids, URLs and ports)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text)
+    os.chmod(tmp, 0o600)  # an older leftover may have had another mode
+    tmp.replace(path)
 
 
 def vqtrain_home() -> Path:
-    """`$VQTRAIN_HOME` or `~/.vqtrain`, created on first use."""
+    """`$VQTRAIN_HOME` or `~/.vqtrain`, created on first use (0700: it holds the store and tokens)."""
     home = Path(os.environ.get("VQTRAIN_HOME") or "~/.vqtrain").expanduser().resolve()
-    home.mkdir(parents=True, exist_ok=True)
+    home.mkdir(parents=True, exist_ok=True, mode=0o700)
     return home
 
 
@@ -143,9 +173,7 @@ def _read_state(path: Path) -> dict | None:
 
 
 def _write_state(path: Path, state: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(state, indent=2))
-    tmp.replace(path)
+    write_private(path, json.dumps(state, indent=2))
 
 
 # ------------------------------------------------------------------------------------------------ MLflow
@@ -191,7 +219,7 @@ def start_mlflow_server(
         "--host", host, "--port", str(port), "--workers", "1",
     ]  # fmt: skip
     # MLflow 3's background job runner (GenAI features) costs ~1.5 GB and startup time; not needed here.
-    env = {**os.environ, **(env or {}), "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    env = without_service_secrets({**os.environ, **(env or {}), "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
     with open(log, "ab") as out:
         proc = subprocess.Popen(
             cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=root, env=env,
@@ -304,11 +332,15 @@ def _stop_ray(proc_or_pid: subprocess.Popen | int, temp_dir: str | None) -> None
             time.sleep(0.2)
 
 
+def _ray_token_path() -> Path:
+    return Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
+
+
 def ray_auth_token() -> str | None:
     """Ray's cluster token as its clients find it: $RAY_AUTH_TOKEN, $RAY_AUTH_TOKEN_PATH, ~/.ray/auth_token."""
     if os.environ.get("RAY_AUTH_TOKEN"):
         return os.environ["RAY_AUTH_TOKEN"].strip()
-    path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
+    path = _ray_token_path()
     try:
         return path.read_text().strip() or None
     except OSError:
@@ -322,7 +354,10 @@ def ray_auth_headers() -> dict[str, str]:
 
 
 def _ensure_ray_token() -> None:
-    """Embedded heads use Ray token auth (the GCS listens on the node IP); create Ray's default token file."""
+    """Embedded heads use Ray token auth (the GCS listens on the node IP); create Ray's default token file,
+    0600, and make an existing one 0600 (the token gives control of every job on the head)."""
+    if not os.environ.get("RAY_AUTH_TOKEN") and _ray_token_path().is_file():
+        private_file(_ray_token_path())
     if ray_auth_token():
         return
     path = Path.home() / ".ray" / "auth_token"
@@ -368,6 +403,7 @@ def start_ray_head(
     ]  # fmt: skip
     # no drain-on-SIGTERM wait (a Serve feature): stop() should end the head in seconds
     env = {**os.environ, **(env or {}), "RAY_USAGE_STATS_ENABLED": "0", "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}
+    env = without_service_secrets(env)  # the head's environment reaches every job driver it starts
     env.pop("RAY_ADDRESS", None)
     env.setdefault("RAY_AUTH_MODE", "token")  # an explicit RAY_AUTH_MODE=disabled is respected
     if env["RAY_AUTH_MODE"] == "token":

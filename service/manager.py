@@ -18,7 +18,9 @@ from typing import Any
 
 from sqlalchemy.orm import Session, sessionmaker
 
+from jobs.credentials import credential_errors
 from jobs.data.storage import ALLOWED_ROOTS_ENV
+from jobs.spec import SHARED_ROOTS_ENV
 from service import registry, store
 from service.ray_client import (
     STATE_OF_RAY,
@@ -93,6 +95,8 @@ class JobManager:
         if self.settings.allowed_roots:  # the job's loaders keep local data under the roots checked here
             roots = [os.path.abspath(os.path.expanduser(r)) for r in self.settings.allowed_roots]
             env[ALLOWED_ROOTS_ENV] = json.dumps(roots)
+        if self.settings.shared_roots:  # the driver repeats the cluster check (jobs.run)
+            env[SHARED_ROOTS_ENV] = json.dumps(self.settings.shared_roots)
         return env
 
     def dispatch(self) -> int:
@@ -103,6 +107,13 @@ class JobManager:
         with self._dispatch_lock, self.sessions() as db:
             room = self.settings.max_active_jobs - store.count_active_submitted(db)
             for job in store.queued_unsubmitted(db, max(room, 0)):
+                leaked = credential_errors(job.spec)  # stored before specs were checked for credentials
+                if leaked:
+                    fields = ", ".join(e["loc"] for e in leaked)
+                    store.update_job(db, job, state="failed", ended_at=store.utcnow(),
+                                     failure_reason=f"the spec carries credentials ({fields}); resubmit it without "
+                                     "them (see docs/SECURITY.md)")  # fmt: skip
+                    continue
                 command = entrypoint(self.settings.entrypoint_python, job.id)
                 try:
                     self.ray.submit(job.id, command, self.job_env(job), self.settings.runtime_env)
@@ -175,6 +186,9 @@ class JobManager:
             values |= self._from_logs(job, text, state, info.message)
         if state == "running" and not (values.get("run_url") or job.run_url):
             values |= self._run_lookup(job)
+        if state == "cancelled" and self.mlflow_uri:  # once: the job leaves the active states here
+            experiment = (job.spec.get("tracking") or {}).get("experiment", "vqtrain")
+            registry.submit(registry.end_cancelled_run, self.mlflow_uri, experiment, job.id)  # not waited for
         if state in store.TERMINAL:
             self._last_logs.pop(job.id, None)
             self._log_bytes.pop(job.id, None)

@@ -1,7 +1,7 @@
 """Submission to Ray through the Ray Jobs API, so jobs outlive the service; and what the service learns
 back: status, and progress parsed from the job's logs (`VQTRAIN_PROGRESS` / `VQTRAIN_RESULT` lines).
 
-The entry point is `<python> -m jobs.run --job-id ID --spec-json "$VQTRAIN_SPEC_JSON"` run by the service's own
+The entry point is `<python> -m jobs.run --job-id ID --spec-env VQTRAIN_SPEC_JSON` run by the service's own
 interpreter (a bare `python` on a Ray node may lack torch); `settings.runtime_env` adds to it for
 clusters whose nodes need a working_dir, pip packages or an image.
 """
@@ -119,10 +119,10 @@ SPEC_ENV = "VQTRAIN_SPEC_JSON"
 
 
 def entrypoint(python: str, job_id: str) -> str:
-    """The shell command Ray runs for a job. The spec travels in `$VQTRAIN_SPEC_JSON` (expanded by
-    Ray's shell), not in the command itself, which Ray prints into the job log: specs may carry
-    storage credentials."""
-    return f'{shlex.quote(python)} -m jobs.run --job-id {shlex.quote(job_id)} --spec-json "${SPEC_ENV}"'
+    """The shell command Ray runs for a job. The spec travels in `$VQTRAIN_SPEC_JSON`, which the job reads
+    itself: it is never expanded into the command (Ray prints that into the job log, and a process's
+    arguments are readable by every user of the node in /proc/<pid>/cmdline)."""
+    return f"{shlex.quote(python)} -m jobs.run --job-id {shlex.quote(job_id)} --spec-env {SPEC_ENV}"
 
 
 def spec_env(spec: dict[str, Any]) -> dict[str, str]:
@@ -132,19 +132,48 @@ def spec_env(spec: dict[str, Any]) -> dict[str, str]:
 SHAPE_TTL_S = 30.0
 
 
-def cluster_spread(address: str) -> bool | None:
-    """True when the Ray cluster behind this Jobs API address has more than one live node or a head with no
-    CPU; False for a single node with CPUs; None when its State API does not answer."""
+def cluster_nodes(address: str) -> list[dict[str, Any]] | None:
+    """The live nodes of the Ray cluster behind this Jobs API address, as `{"head": bool, "resources":
+    {...}}`, from its State API; None when it does not answer (or the address is no Jobs API)."""
     if not address.lower().startswith(("http://", "https://")):
         return None
     url = f"{address.rstrip('/')}/api/v0/nodes?limit=10000&detail=true"
     try:
         with urllib.request.urlopen(urllib.request.Request(url, headers=embedded.ray_auth_headers()), timeout=5) as r:
-            nodes = [n for n in json.loads(r.read())["data"]["result"]["result"] if n.get("state") == "ALIVE"]
+            nodes = json.loads(r.read())["data"]["result"]["result"]
+        return [{"head": bool(n.get("is_head_node")), "resources": dict(n.get("resources_total") or {})}
+                for n in nodes if n.get("state") == "ALIVE"]  # fmt: skip
     except (OSError, ValueError, KeyError, TypeError):
         return None
-    head_cpus = sum(float((n.get("resources_total") or {}).get("CPU", 0)) for n in nodes if n.get("is_head_node"))
+
+
+def cluster_spread(nodes: list[dict[str, Any]]) -> bool:
+    """True when a job's workers may run on another machine than its driver: several live nodes, or a head
+    with no CPU (workers then come from nodes an autoscaler adds)."""
+    head_cpus = sum(float(n["resources"].get("CPU", 0)) for n in nodes if n["head"])
     return len(nodes) > 1 or head_cpus == 0
+
+
+def capacity_errors(resources: dict[str, Any], nodes: list[dict[str, Any]]) -> list[dict[str, str]]:
+    """Field errors when the live nodes can never hold the job's workers at once (each worker's CPUs and
+    GPUs on one node): such a job would wait for resources forever while holding a slot."""
+    cpus, gpus, workers = float(resources["cpus_per_worker"]), float(resources["gpus_per_worker"]), resources["workers"]
+    fits = 0
+    for n in nodes:
+        have_cpu, have_gpu = float(n["resources"].get("CPU", 0)), float(n["resources"].get("GPU", 0))
+        fits += int(min(have_cpu // cpus, have_gpu // gpus if gpus else float("inf")))
+    if fits >= workers:
+        return []
+    most_gpus = max((float(n["resources"].get("GPU", 0)) for n in nodes), default=0.0)
+    most_cpus = max((float(n["resources"].get("CPU", 0)) for n in nodes), default=0.0)
+    if gpus > most_gpus:
+        loc, msg = "resources.gpus_per_worker", f"no node of the cluster has {gpus:g} GPUs (the most is {most_gpus:g})"
+    elif cpus > most_cpus:
+        loc, msg = "resources.cpus_per_worker", f"no node of the cluster has {cpus:g} CPUs (the most is {most_cpus:g})"
+    else:
+        loc, msg = "resources.workers", f"the cluster holds {fits} such workers at once, not {workers}"
+    return [{"loc": loc, "msg": msg + "; ask for less, or set VQTRAIN_CLUSTER_AUTOSCALES=true if an autoscaler "
+             "adds nodes on demand"}]  # fmt: skip
 
 
 class RayJobs:
@@ -154,7 +183,7 @@ class RayJobs:
         self.address = address
         self._client: Any = None
         self._lock = threading.Lock()
-        self._shape: tuple[float, bool | None] | None = None
+        self._nodes: tuple[float, list[dict[str, Any]] | None] | None = None
 
     def _get(self) -> Any:
         with self._lock:
@@ -182,22 +211,17 @@ class RayJobs:
         except Exception as e:  # requests' connection errors and the like
             raise RayUnavailable(f"Ray Jobs API at {self.address}: {e}") from e
 
-    def workers_elsewhere(self) -> bool | None:
-        """Whether a job's training workers may run on another machine than the one that submitted it: the
-        cluster has several live nodes, or its head offers no CPU (so workers come from nodes an autoscaler
-        adds). None when the Jobs API cannot say (the check is then left to the job's driver). Cached briefly:
-        every submission asks."""
+    def nodes(self) -> list[dict[str, Any]] | None:
+        """The cluster's live nodes (`cluster_nodes`), cached briefly: every submission asks."""
         now = time.monotonic()
-        if self._shape is not None and now - self._shape[0] < SHAPE_TTL_S:
-            return self._shape[1]
-        answer = cluster_spread(self.address)
-        self._shape = (now, answer)
-        return answer
+        if self._nodes is None or now - self._nodes[0] >= SHAPE_TTL_S:
+            self._nodes = (now, cluster_nodes(self.address))
+        return self._nodes[1]
 
     def submit(self, job_id: str, command: str, env: dict[str, str], runtime_env: dict[str, Any]) -> None:
         """Submit under `job_id`; an existing Ray job with that id counts as submitted (idempotent)."""
         renv = dict(runtime_env)
-        renv["env_vars"] = {**runtime_env.get("env_vars", {}), **env}
+        renv["env_vars"] = embedded.without_service_secrets({**runtime_env.get("env_vars", {}), **env})
         try:  # the checks Ray's client makes before sending: a bad runtime_env can never be submitted
             from ray.runtime_env import RuntimeEnv
 

@@ -60,10 +60,8 @@ def _client(tracking_uri: str) -> Any:
 
 def artifact_root(tracking_uri: str, experiment: str) -> str | None:
     """Where MLflow would keep a job's artifacts: the experiment's artifact location, or for a new experiment
-    the Default one's (the server's default root). A tracking URI that is no server (a file store, SQLite)
-    keeps them on the local disk. None when MLflow does not answer in time: the job's driver checks again."""
-    if not tracking_uri.lower().startswith(("http://", "https://")):
-        return "file:./mlruns"
+    the Default one's (the server's default root), asked of whatever the tracking URI names (a server,
+    Databricks, a database). None when MLflow does not answer in time: the job's driver checks again."""
 
     def lookup() -> str | None:
         client = _client(tracking_uri)
@@ -142,6 +140,18 @@ def find_job_run(tracking_uri: str, experiment: str, job_id: str) -> tuple[str, 
         return None
     run = runs[0]
     return run.info.run_id, run_url(tracking_uri, exp.experiment_id, run.info.run_id)
+
+
+def end_cancelled_run(tracking_uri: str, experiment: str, job_id: str) -> str | None:
+    """Mark a cancelled job's run KILLED: Ray ends the driver with a signal, so the run itself stays RUNNING
+    (as a crash would leave it). Returns the run id, or None if the job never made one."""
+    found = find_job_run(tracking_uri, experiment, job_id)
+    if found is None:
+        return None
+    client = _client(tracking_uri)
+    if client.get_run(found[0]).info.status == "RUNNING":
+        client.set_terminated(found[0], status="KILLED")
+    return found[0]
 
 
 def model_uri(ref: str) -> str:

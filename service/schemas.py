@@ -4,9 +4,17 @@ from __future__ import annotations
 
 import datetime as dt
 from enum import StrEnum
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, Field
+from pydantic import AfterValidator, BaseModel, Field
+
+
+def _utc(value: dt.datetime) -> dt.datetime:
+    # the store keeps naive UTC (SQLite has no zones): say so, so clients never read it as local time
+    return value.replace(tzinfo=dt.UTC) if value.tzinfo is None else value.astimezone(dt.UTC)
+
+
+UtcDatetime = Annotated[dt.datetime, AfterValidator(_utc)]
 
 
 class JobState(StrEnum):
@@ -47,7 +55,7 @@ class JobCreated(BaseModel):
     state: JobState
     name: str
     kind: JobKind
-    created_at: dt.datetime
+    created_at: UtcDatetime
     created: bool = Field(True, description="false when an Idempotency-Key matched an earlier submission")
 
 
@@ -56,14 +64,14 @@ class JobSummary(BaseModel):
     name: str
     kind: JobKind
     state: JobState
-    created_at: dt.datetime
-    updated_at: dt.datetime
+    created_at: UtcDatetime
+    updated_at: UtcDatetime
     progress: Progress
 
 
 class JobDetail(JobSummary):
-    started_at: dt.datetime | None = None
-    ended_at: dt.datetime | None = None
+    started_at: UtcDatetime | None = None
+    ended_at: UtcDatetime | None = None
     metrics: dict[str, float] = Field(default_factory=dict, description="latest metrics from the job")
     images_per_s: float | None = None
     eta_seconds: float | None = None

@@ -1,7 +1,8 @@
 """Service settings, read from the environment (`VQTRAIN_*`) by pydantic-settings.
 
 Tokens are kept only as SHA-256 hashes: `VQTRAIN_TOKENS` is a JSON list of
-`{"name": "ci", "sha256": "<hex>", "read_only": false}`; an entry may give `"token": "<plain>"`
+`{"name": "ci", "sha256": "<hex>", "read_only": false, "admin": false}` (an admin token may cancel any
+job, others only the jobs they submitted); an entry may give `"token": "<plain>"`
 instead, which is hashed on load and never kept.
 """
 
@@ -28,6 +29,7 @@ class TokenEntry(BaseModel):
     name: str = "token"
     sha256: str = Field("", pattern=r"^([0-9a-f]{64})?$")
     read_only: bool = False
+    admin: bool = False  # may cancel every job; other writers cancel only the jobs they submitted
 
     @model_validator(mode="before")
     @classmethod
@@ -61,11 +63,20 @@ class Settings(BaseSettings):
         default_factory=list,
         description="local paths a spec may use: a JSON list or paths joined by os.pathsep; jobs get them too",
     )
+    shared_roots: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="local paths every Ray node mounts (NFS, EFS, Lustre): allowed for jobs whose workers sit on "
+        "other nodes; a JSON list or paths joined by os.pathsep; jobs get them too",
+    )
     allowed_schemes: list[str] = Field(
         ["s3", "gs", "http", "https", "file"], description="remote data URL schemes"
     )
     max_active_jobs: int = Field(
         4, ge=0, description="jobs on Ray at once; more wait queued; 0 = dispatch paused"
+    )
+    cluster_autoscales: bool = Field(
+        False, description="an autoscaler adds Ray nodes on demand: skip the check that the live nodes can hold "
+        "a job's workers (and treat workers as remote)",
     )
     poll_interval: float = Field(2.0, gt=0, description="seconds between reconcile passes")
     entrypoint_python: str = Field(default_factory=lambda: sys.executable)
@@ -75,7 +86,7 @@ class Settings(BaseSettings):
     )
     log_tail_lines: int = Field(200, ge=1)
 
-    @field_validator("allowed_roots", mode="before")
+    @field_validator("allowed_roots", "shared_roots", mode="before")
     @classmethod
     def _parse_roots(cls, value: Any) -> Any:
         return parse_roots(value) if isinstance(value, str) else value

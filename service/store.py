@@ -69,9 +69,26 @@ class Job(Base):
     ray_status: Mapped[str | None] = mapped_column(String(20), default=None)
 
 
+def _private_sqlite_file(url: str) -> None:
+    """Create the SQLite file 0600 (or make an existing one so): it holds every job's spec. SQLite gives its
+    -wal and -shm files the database file's mode."""
+    import os
+    from pathlib import Path
+
+    from sqlalchemy.engine import make_url
+
+    from service.embedded import private_file
+
+    path = make_url(url).database
+    if path and path != ":memory:" and not path.startswith("file:"):
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
+        private_file(Path(path))
+
+
 def make_engine(url: str) -> Engine:
-    """An engine whose SQLite connections tolerate concurrent writers (WAL, busy timeout)."""
+    """An engine whose SQLite connections tolerate concurrent writers (WAL, busy timeout); a SQLite file 0600."""
     if url.startswith("sqlite"):
+        _private_sqlite_file(url)
         engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30}, pool_size=20)
 
         @event.listens_for(engine, "connect")

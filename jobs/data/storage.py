@@ -108,8 +108,10 @@ def allowed_roots_from_env(environ: dict[str, str] | None = None) -> list[str] |
 def s3_options(storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
     """s3fs keyword arguments from a job's storage options, falling back to the AWS environment.
 
-    Accepts `endpoint_url`, `key`/`secret`/`token` and their AWS-style aliases (`aws_access_key_id`, ...);
-    anything else is passed to s3fs unchanged. s3fs does not read `AWS_ENDPOINT_URL` itself, so we do.
+    Accepts `endpoint_url`, `key`/`secret`/`token` and their AWS-style aliases (`aws_access_key_id`, ...) from
+    library callers (a job spec may not carry them: jobs take credentials from botocore's chain, the
+    `AWS_*` environment or an instance role); anything else is passed to s3fs unchanged. s3fs does not read
+    `AWS_ENDPOINT_URL` itself, so we do.
     """
     opts: dict[str, Any] = {}
     for k, v in (storage_options or {}).items():

@@ -25,7 +25,7 @@ from jobs.spec import (
 from service import registry, store
 from service.auth import Reader, Writer
 from service.manager import JobManager
-from service.ray_client import RayJobNotFound, RayUnavailable
+from service.ray_client import RayJobNotFound, RayUnavailable, capacity_errors, cluster_spread
 from service.schemas import (
     ErrorResponse,
     JobCreated,
@@ -47,13 +47,18 @@ _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*)://")
 _URL_FIELDS = ("data.train", "data.eval", "checkpoint.storage", "output")
 
 
+def spec_components() -> dict[str, Any]:
+    """JobSpec and its sections as OpenAPI component schemas (the request body refers to them by $ref; the
+    app adds them to `/openapi.json`, where pydantic's `$defs` inside a body schema would not resolve)."""
+    schema = JobSpec.model_json_schema(ref_template="#/components/schemas/{model}")
+    return {"JobSpec": {k: v for k, v in schema.items() if k != "$defs"}, **schema.get("$defs", {})}
+
+
 def _spec_body_schema() -> dict[str, Any]:
     return {
         "required": True,
         "content": {
-            "application/json": {
-                "schema": JobSpec.model_json_schema(ref_template="#/components/schemas/{model}")
-            },
+            "application/json": {"schema": {"$ref": "#/components/schemas/JobSpec"}},
             "application/yaml": {"schema": {"type": "string", "description": "the spec as YAML"}},
         },
     }
@@ -107,11 +112,44 @@ def _service_checks(spec: JobSpec, request: Request) -> None:
     check_allowed_roots(spec, settings.allowed_roots)
     check_spec_size(spec)
     manager = _manager(request)
-    if manager.ray.workers_elsewhere():
+    nodes = manager.ray.nodes()  # None: the State API did not answer; the job's driver checks again
+    if nodes is None:
+        return
+    errors = [] if settings.cluster_autoscales else capacity_errors(spec.resources.model_dump(), nodes)
+    if cluster_spread(nodes) or settings.cluster_autoscales:
         root = registry.artifact_root(manager.mlflow_uri, spec.tracking.experiment) if manager.mlflow_uri else None
-        errors = cluster_storage_errors(spec, root)
-        if errors:
-            raise SpecError(errors)
+        errors += cluster_storage_errors(spec, root, settings.shared_roots)
+    if errors:
+        raise SpecError(errors)
+
+
+SPEC_MEDIA_TYPES = ("application/json", "application/yaml", "application/x-yaml", "text/yaml", "text/x-yaml",
+                    "text/plain")  # fmt: skip
+
+
+def _check_content_type(request: Request) -> None:
+    """A spec is JSON or YAML; say so before reading a form or a file upload as one (no header: sniffed)."""
+    given = request.headers.get("content-type")
+    media = (given or "").split(";")[0].strip().lower()
+    if given is not None and media not in SPEC_MEDIA_TYPES and not media.endswith("+json"):
+        raise HTTPException(status.HTTP_415_UNSUPPORTED_MEDIA_TYPE,
+                            f"Content-Type {media!r}: send the spec as {', '.join(SPEC_MEDIA_TYPES[:3])}")  # fmt: skip
+
+
+async def _read_body(request: Request) -> bytes:
+    """The body, refused with 413 as soon as it is known to be too large: from Content-Length before reading
+    anything, else while streaming (the whole body is never held when it is over the limit)."""
+    too_large = HTTPException(status.HTTP_413_CONTENT_TOO_LARGE, f"a spec is at most {MAX_SPEC_BYTES} bytes")
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > MAX_SPEC_BYTES:
+        raise too_large
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_SPEC_BYTES:
+            raise too_large
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def _scoped_key(token_sha256: str, key: str | None) -> str | None:
@@ -127,11 +165,15 @@ def _create(request: Request, body: bytes, owner: str, key: str | None) -> JSONR
         raise SpecError([{"loc": "", "msg": "the request body must be UTF-8 JSON or YAML"}]) from None
     spec = parse_spec(parse_text(text, "request body"))
     _service_checks(spec, request)
+    stored = spec.model_dump(mode="json")
     with request.app.state.sessions() as db:
         job, created = store.create_job(  # keys are per token: one client cannot reach another's job
-            db, spec.model_dump(mode="json"), spec.name, spec.kind, owner=owner,
+            db, stored, spec.name, spec.kind, owner=owner,
             idempotency_key=key,
         )  # fmt: skip
+    if not created and job.spec != stored:
+        raise HTTPException(status.HTTP_409_CONFLICT, f"this Idempotency-Key was used for another spec (job {job.id}); "
+                            "use a new key for a new job")  # fmt: skip
     if created:
         _manager(request).kick()
     out = JobCreated(id=job.id, state=JobState(job.state), name=job.name, kind=JobKind(job.kind),
@@ -146,7 +188,9 @@ def _create(request: Request, body: bytes, owner: str, key: str | None) -> JSONR
     response_model=JobCreated,
     responses={
         200: {"model": JobCreated, "description": "Idempotency-Key seen before: that job"},
+        409: {"model": ErrorResponse, "description": "Idempotency-Key seen before with another spec"},
         413: {"model": ErrorResponse},
+        415: {"model": ErrorResponse, "description": "not JSON or YAML"},
         422: {"model": SpecErrorResponse, "description": "invalid spec; nothing was stored"},
         403: {"model": ErrorResponse},
         **_AUTH,
@@ -159,12 +203,11 @@ async def submit_job(
     idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
 ) -> JSONResponse:
     """Validate and store a job spec (JSON or YAML); the job goes to Ray as soon as there is room."""
-    body = await request.body()
-    if len(body) > MAX_SPEC_BYTES:
-        raise HTTPException(status.HTTP_413_CONTENT_TOO_LARGE, f"a spec is at most {MAX_SPEC_BYTES} bytes")
+    _check_content_type(request)
+    body = await _read_body(request)
     try:
         key = _scoped_key(principal.token_sha256, idempotency_key)
-        return await run_in_threadpool(_create, request, body, principal.name, key)
+        return await run_in_threadpool(_create, request, body, principal.owner, key)
     except SpecError as e:
         return JSONResponse({"detail": e.errors}, status_code=status.HTTP_422_UNPROCESSABLE_CONTENT)
 
@@ -249,8 +292,13 @@ def job_logs(
         **_AUTH,
     },
 )
-def cancel_job(request: Request, _: Writer, job_id: JobId) -> JobDetail:
-    """Cancel a job: at once if Ray has not started it, else Ray stops it (state follows)."""
+def cancel_job(request: Request, principal: Writer, job_id: JobId) -> JobDetail:
+    """Cancel a job: at once if Ray has not started it, else Ray stops it (state follows). A token cancels the
+    jobs it submitted; an admin token cancels any."""
     with request.app.state.sessions() as db:
-        job = _manager(request).cancel(db, _load(db, job_id))
+        job = _load(db, job_id)
+        if not principal.admin and job.owner != principal.owner:
+            raise HTTPException(status.HTTP_403_FORBIDDEN, f"job {job_id} was submitted by another token; only "
+                                "that token or an admin token may cancel it")  # fmt: skip
+        job = _manager(request).cancel(db, job)
         return detail(job)

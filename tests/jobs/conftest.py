@@ -49,11 +49,25 @@ def mlflow_client_uri(mlflow_url: str) -> Iterator[str]:
 
 
 @pytest.fixture(scope="session")
-def ray_session() -> Iterator[None]:
-    """One local Ray for all job tests (2 training workers fit; the rest are zero-CPU actors)."""
+def node_credentials(s3_server: str) -> Iterator[dict[str, str]]:
+    """The S3 endpoint and credentials in this process's environment, as a cluster node has them (specs
+    may not carry credentials): the job drivers run here, and the local Ray's workers inherit them."""
+    env = {"AWS_ENDPOINT_URL": s3_server, "AWS_ACCESS_KEY_ID": servers.S3_KEY,
+           "AWS_SECRET_ACCESS_KEY": servers.S3_SECRET, "AWS_DEFAULT_REGION": "us-east-1"}  # fmt: skip
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in env.items():
+            mp.setenv(k, v)
+        yield env
+
+
+@pytest.fixture(scope="session")
+def ray_session(node_credentials: dict[str, str]) -> Iterator[None]:
+    """One local Ray for all job tests (2 training workers fit; the rest are zero-CPU actors); its workers
+    get the S3 credentials from the environment, like the nodes of a real cluster."""
     import ray
 
-    ray.init(num_cpus=3, include_dashboard=False, log_to_driver=False)
+    ray.init(num_cpus=3, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": node_credentials})  # fmt: skip
     try:
         yield
     finally:
@@ -65,8 +79,13 @@ class S3Shards:
     train: str  # s3://bucket/cifar/train (folder with manifest.json)
     eval: str
     bucket: str
-    storage_options: dict[str, str]
+    storage_options: dict[str, str]  # with credentials: for this process's own reads and writes
     count: int
+
+    @property
+    def spec_options(self) -> dict[str, str]:
+        """What a job spec carries: the endpoint only (credentials come from the nodes' environment)."""
+        return {"endpoint_url": self.storage_options["endpoint_url"]}
 
 
 @pytest.fixture(scope="session")
@@ -101,7 +120,7 @@ def tiny_tokenizer_spec(shards: S3Shards, **overrides: Any) -> dict[str, Any]:
             "train": shards.train,
             "eval": shards.eval,
             "image_size": 16,
-            "storage_options": shards.storage_options,
+            "storage_options": shards.spec_options,
             "shuffle_buffer": 64,
             "num_workers": 0,
         },

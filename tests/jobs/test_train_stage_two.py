@@ -37,7 +37,7 @@ def tokenized(
         "tokenizer": registered_tokenizer.result["model_uri"],
         "output": f"{cifar_s3.bucket}/tokens",
         "data": {"train": cifar_s3.train, "eval": cifar_s3.eval, "image_size": 16,
-                 "storage_options": cifar_s3.storage_options, "num_workers": 0},
+                 "storage_options": cifar_s3.spec_options, "num_workers": 0},
         "optim": {"batch_size": 64},
         "resources": {"workers": 2},
         "tracking": {"experiment": "tests"},
@@ -111,7 +111,7 @@ def test_maskgit_job_trains_on_token_shards(
             "train": f"{cifar_s3.bucket}/tokens/train",  # token shards
             "eval": cifar_s3.eval,  # image shards, tokenised on the fly
             "image_size": 16,
-            "storage_options": cifar_s3.storage_options,
+            "storage_options": cifar_s3.spec_options,
             "shuffle_buffer": 64,
             "num_workers": 0,
         },

@@ -122,16 +122,14 @@ def test_submit_json_and_yaml_then_list_filter_and_page(api, tmp_path):
         assert c.get("/v1/jobs/vq-doesnotexist").status_code == 404
 
 
-def test_credentials_are_redacted_in_responses_but_kept_for_the_job(api, tmp_path):
-    spec = spec_for(tmp_path) | {"data": {"train": "s3://b/x", "storage_options": {"key": "AK", "secret": "SEC"}}}
+def test_credentials_in_a_spec_are_refused(api, tmp_path):
+    """More places and forms in tests/service/test_secrets.py."""
+    spec = spec_for(tmp_path) | {"data": {"train": "s3://b/x", "storage_options": {"key": "AK-1", "secret": "S3CR3T-9"}}}
     with api.client() as c:
-        job_id = c.post("/v1/jobs", json=spec).json()["id"]
-        shown = c.get(f"/v1/jobs/{job_id}").json()["spec"]["data"]["storage_options"]
-        assert shown == {"key": "***", "secret": "***"}
-    engine = store.make_engine(api.settings.resolved_store_url)
-    with store.session_factory(engine)() as db:
-        assert db.get(store.Job, job_id).spec["data"]["storage_options"]["secret"] == "SEC"
-    engine.dispose()
+        r = c.post("/v1/jobs", json=spec)
+    assert r.status_code == 422 and "S3CR3T-9" not in r.text and "AK-1" not in r.text
+    assert {"data.storage_options.key", "data.storage_options.secret"} <= {e["loc"] for e in r.json()["detail"]}
+    assert stored_rows(api) == 0
 
 
 def test_idempotency_key_stores_once(api, tmp_path):

@@ -47,17 +47,19 @@ def test_eta_follows_the_step_rate_of_the_timed_progress_records():
     assert eta_seconds({"step": 1, "total": 100, "time": 1.0}, {"step": 100, "total": 100, "time": 9.0}) == 0.0
 
 
-def test_entrypoint_gets_the_spec_from_the_environment_through_the_shell(tmp_path):
-    spec = {"name": "it's \"quoted\" $HOME `x`", "data": {"storage_options": {"secret": "s"}}}
+def test_entrypoint_names_the_spec_variable_and_never_expands_it(tmp_path):
+    """The spec stays in the environment: Ray prints the command into the job log, and every user of the node
+    reads a process's arguments in /proc/<pid>/cmdline."""
+    spec = {"name": "it's \"quoted\" $HOME `x`", "data": {"train": "s3://b/x"}}
     script = tmp_path / "show.py"
-    script.write_text("import json, sys; print(json.dumps(sys.argv[1:]))\n")
+    script.write_text("import json, os, sys; print(json.dumps([sys.argv[1:], os.environ['VQTRAIN_SPEC_JSON']]))\n")
     cmd = entrypoint(f"python3 {script} #", "vq-1")  # the interpreter part is quoted as one word
-    assert "secret" not in cmd and "$VQTRAIN_SPEC_JSON" in cmd
+    assert "$" not in cmd and "{" not in cmd
     cmd = cmd.replace(f"'python3 {script} #'", f"python3 {script}")
     out = subprocess.run(cmd, shell=True, env=os.environ | spec_env(spec), capture_output=True, text=True)
-    argv = json.loads(out.stdout)
-    assert argv[:4] == ["-m", "jobs.run", "--job-id", "vq-1"] and argv[4] == "--spec-json"
-    assert json.loads(argv[5]) == spec
+    argv, env_spec = json.loads(out.stdout)
+    assert argv == ["-m", "jobs.run", "--job-id", "vq-1", "--spec-env", "VQTRAIN_SPEC_JSON"]
+    assert json.loads(env_spec) == spec
 
 
 def test_ray_errors_are_classified_by_status_not_by_digits_in_ids():

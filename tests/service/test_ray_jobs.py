@@ -7,11 +7,12 @@ fetches and `vqmodels.load` opens; another job is cancelled while running.
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
-from service import registry
+from service import embedded, registry
 from service.cli import app as cli
 from service.ray_client import RayJobs
 from tests.service.conftest import ADMIN, tiny_tokenizer_spec, wait_for
@@ -64,13 +65,14 @@ def test_job_survives_restart_succeeds_and_registers_a_model(live, make_settings
 def test_cancel_a_running_job(live, make_settings, shards, tmp_path, backends):
     server = live(make_settings(allowed_roots=[str(tmp_path), str(shards.parent)]))
     spec = tiny_tokenizer_spec(shards, "svc-long", tmp_path / "ckpt", steps=1_000_000)
-    spec["data"]["storage_options"] = {"secret": "SECRET-CREDENTIAL-VALUE"}
     with server.client() as c:
         job_id = c.post("/v1/jobs", json=spec).json()["id"]
         wait_for(c, job_id, ("running",), timeout=120)
         lines = c.get(f"/v1/jobs/{job_id}/logs").json()["lines"]
         assert any("Running entrypoint" in line for line in lines)  # Ray echoes the command into the log…
-        assert not any("SECRET-CREDENTIAL-VALUE" in line for line in lines)  # …which carries no credentials
+        assert not any("svc-long" in line for line in lines if "entrypoint" in line)  # …which carries no spec
+        drivers = embedded._pids_mentioning(f"--job-id {job_id}")  # nor does /proc/<pid>/cmdline (world-readable)
+        assert drivers and not any(b"svc-long" in Path(f"/proc/{pid}/cmdline").read_bytes() for pid in drivers)
         r = c.post(f"/v1/jobs/{job_id}/cancel")
         assert r.status_code == 200 and r.json()["cancel_requested"] is True
         d = wait_for(c, job_id, ("cancelled",), timeout=60)

@@ -1,4 +1,5 @@
-"""Property-based API test: requests generated from `/openapi.json` (valid and invalid) never get a 5xx.
+"""Property-based API test: requests generated from `/openapi.json` (valid and invalid) never get a 5xx,
+and every response conforms to the document (status codes, content types, headers, body schemas).
 
 Dispatch is paused (max_active_jobs=0) so generated specs that happen to be valid are stored, not run.
 The operations are driven with Hypothesis directly (schemathesis' pytest plugin does not support this
@@ -12,12 +13,21 @@ import schemathesis
 from hypothesis import HealthCheck, given, settings
 from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode
-from schemathesis.checks import not_a_server_error
+from schemathesis.checks import (
+    content_type_conformance,
+    not_a_server_error,
+    response_headers_conformance,
+    response_schema_conformance,
+    status_code_conformance,
+)
 
 from tests.service.conftest import ADMIN
 
 pytestmark = pytest.mark.integration
 AUTH = {"Authorization": f"Bearer {ADMIN}"}
+# no 5xx, and every answer is one the OpenAPI document declares: status, content type, headers and body
+CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_headers_conformance,
+          response_schema_conformance]  # fmt: skip
 
 
 @pytest.fixture
@@ -32,7 +42,7 @@ def _fuzz(operation, mode: GenerationMode, headers: dict | None, examples: int) 
     @given(case=operation.as_strategy(generation_mode=mode))
     @settings(max_examples=examples, deadline=None, suppress_health_check=list(HealthCheck), database=None)
     def run(case):
-        response = case.call_and_validate(headers=headers, checks=[not_a_server_error])
+        response = case.call_and_validate(headers=headers, checks=CHECKS)
         seen.append(response.status_code)
 
     try:
