@@ -21,6 +21,8 @@ from service.settings import Settings
 ADMIN, READER = "admin-token-for-tests", "reader-token-for-tests"
 TOKENS = [{"name": "admin", "token": ADMIN}, {"name": "reader", "token": READER, "read_only": True}]
 TERMINAL = ("succeeded", "failed", "cancelled")
+NODE_SECRET = "node-secret-5e1f09c2a7"  # planted in the Ray node's environment; must never show up elsewhere
+NODE_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "AKIANODE0000PLANTED1", "AWS_SECRET_ACCESS_KEY": NODE_SECRET}
 
 
 @dataclass
@@ -35,7 +37,8 @@ def backends(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Backends]:
     """A local Ray head (2 CPUs) and an MLflow server, started side by side (each takes a while)."""
     home = tmp_path_factory.mktemp("vqtrain-home")
     with ThreadPoolExecutor(2) as pool:
-        ray_f = pool.submit(embedded.start_ray_head, home, 2)
+        # the nodes hold storage credentials in their environment, as a cluster's would (docs/SECURITY.md)
+        ray_f = pool.submit(embedded.start_ray_head, home, 2, 180.0, NODE_CREDENTIALS)
         mlflow_f = pool.submit(embedded.start_mlflow_server, home / "mlflow")
         try:
             head, mlflow = ray_f.result(), mlflow_f.result()

@@ -60,6 +60,38 @@ def test_job_survives_restart_succeeds_and_registers_a_model(live, make_settings
     assert out.exit_code == 0 and "succeeded" in out.stdout and f"models:/{name}@latest" in out.stdout
     out = runner.invoke(cli, ["models"], env=env)
     assert out.exit_code == 0 and name in out.stdout
+    _assert_node_secret_stayed_in_the_environment(server, job_id, d["run_id"], backends)
+
+
+def _assert_node_secret_stayed_in_the_environment(server, job_id: str, run_id: str, backends) -> None:
+    """The node's storage secret (its environment, as on a cluster) went nowhere else while a real job ran:
+    not the store, the API, MLflow, any process's arguments or Ray's session logs."""
+    from pathlib import Path
+
+    from mlflow import MlflowClient
+
+    from service import embedded
+    from tests.service.conftest import NODE_SECRET
+
+    secret = NODE_SECRET.encode()
+    db = Path(server.settings.resolved_store_url.removeprefix("sqlite:///"))
+    assert not any(secret in p.read_bytes() for p in db.parent.glob(db.name + "*"))
+    with server.client() as c:
+        for path in (f"/v1/jobs/{job_id}", f"/v1/jobs/{job_id}/logs?tail=100000", "/v1/jobs", "/v1/models"):
+            assert NODE_SECRET not in c.get(path).text, path
+    run = MlflowClient(backends.mlflow_uri).get_run(run_id)
+    assert NODE_SECRET not in repr(run.data.params) + repr(run.data.tags)
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            assert secret not in cmdline.read_bytes(), cmdline
+        except OSError:
+            continue
+    temp_dir = embedded._ray_temp_dir(backends.home)
+    logs = [p for p in temp_dir.rglob("*") if p.is_file() and "/logs/" in str(p)]
+    assert logs and not [p for p in logs if secret in p.read_bytes()]
+    # and it was there to leak: Ray's own processes carry it in their environment
+    environs = [Path(f"/proc/{pid}/environ") for pid in embedded._pids_mentioning(str(temp_dir))]
+    assert any(secret in e.read_bytes() for e in environs if e.exists())
 
 
 def test_cancel_a_running_job(live, make_settings, shards, tmp_path, backends):
