@@ -44,7 +44,7 @@ MAX_SPEC_BYTES = 1 << 20
 JobId = Annotated[str, Path(max_length=40, description="job id (vq-…)")]
 _AUTH = {401: {"model": ErrorResponse}}
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*)://")
-_URL_FIELDS = ("data.train", "data.eval", "checkpoint.storage", "output")
+_URL_FIELDS = ("data.train", "data.eval", "checkpoint.storage", "output", "tokenizer", "model.perceptual.weights")
 
 
 def spec_components() -> dict[str, Any]:
@@ -101,8 +101,9 @@ def _service_checks(spec: JobSpec, request: Request) -> None:
     ]
     data = spec.model_dump(mode="json")
     for loc in _URL_FIELDS:
-        section, _, key = loc.partition(".")
-        value = data[section][key] if key else data[section]
+        value: Any = data
+        for part in loc.split("."):
+            value = value.get(part) if isinstance(value, dict) else None
         for url in [value] if isinstance(value, str) else list(value or []):
             m = _SCHEME.match(url)
             if m and m.group(1).lower() not in settings.allowed_schemes:

@@ -92,6 +92,14 @@ def test_hostile_specs_get_small_422s_naming_the_field_and_store_nothing(api, tm
     assert stored_rows(api) == 0
 
 
+def test_every_url_field_obeys_the_services_schemes(live, make_settings, tmp_path) -> None:
+    server = live(make_settings(max_active_jobs=0, allowed_schemes=["s3"]))
+    with server.client() as c:
+        weights = c.post("/v1/jobs", json=spec_for(tmp_path, model={"perceptual": {"weights": "https://h/vgg.pt"}}))
+        assert weights.status_code == 422 and weights.json()["detail"][0]["loc"] == "model.perceptual.weights"
+        assert c.post("/v1/jobs", json=spec_for(tmp_path, model={"perceptual": {"weights": "s3://b/vgg.pt"}})).status_code == 201
+
+
 def test_body_type_and_size_are_checked_before_parsing(api, tmp_path) -> None:
     with api.client() as c:
         form = c.post("/v1/jobs", content=b"a=1", headers={"Content-Type": "application/x-www-form-urlencoded"})
