@@ -9,6 +9,7 @@ import json
 import os
 import stat
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -191,7 +192,9 @@ def test_a_process_started_without_the_tokens_has_none_in_proc_environ(monkeypat
     monkeypatch.setenv("VQTRAIN_TOKENS", "PLANTED")
     proc = subprocess.Popen(["sleep", "5"], env=embedded.without_service_secrets(dict(os.environ)))
     try:
-        environ = Path(f"/proc/{proc.pid}/environ").read_bytes()
+        deadline = time.monotonic() + 10
+        while not (environ := Path(f"/proc/{proc.pid}/environ").read_bytes()) and time.monotonic() < deadline:
+            time.sleep(0.05)  # empty until the child has exec'd
         assert b"VQTRAIN_TOKENS" not in environ and b"PATH=" in environ
     finally:
         proc.kill()
