@@ -26,7 +26,9 @@ _MAX_DEPTH = 64  # deeper input is refused by the parser anyway; never recurse w
 # these, or one of its words (split at _ - . and camelCase) is in _SECRET_WORDS
 _SECRET_PARTS = ("secret", "passw", "pwd", "credential", "authoriz", "token", "apikey", "accesskey",
                  "accountkey", "privatekey", "cookie", "connectionstring", "signature")  # fmt: skip
-_SECRET_WORDS = {"key", "keyid", "auth", "sig", "sas", "private", "passwd"}
+_SECRET_WORDS = {"auth", "sig", "sas", "private", "passwd"}
+# "key" names a secret as the key's last word (`key`, `sse_customer_key`, `key_id`), not as a prefix (`key_prefix`)
+_KEY_ENDINGS = (["key"], ["keyid"], ["key", "id"])
 _NOT_SECRET = {"signatureversion", "ssekmskeyid"}  # botocore's config_kwargs / S3 extra args, not secrets
 _TOKEN_MODES = {"anon", "google_default", "cloud", "cache", "browser"}  # gcsfs `token=` modes, not tokens
 
@@ -43,7 +45,7 @@ _VALUE_PATTERNS = (
 )
 # scheme://user[:password]@ (a password may hold '/'; `host:8080/path@x` is a port and a path, not user-info)
 _USERINFO = re.compile(r"([A-Za-z][A-Za-z0-9+.\-]*)://([^/?#\s:@]*)(?::([^\s@]*))?@")
-_PORT_PATH = re.compile(r"\d*(/|$)")
+_PORT_PATH = re.compile(r"\d*/")  # `host:8080/path@x`: a port then a path; `user:12345678@host` is a password
 _PARAM = re.compile(r"(^|[?&;])([A-Za-z0-9_.\-]+)=([^&#;\s]*)")
 
 
@@ -58,7 +60,10 @@ def secret_key(key: Any) -> bool:
     squashed = re.sub(r"[^a-z0-9]", "", text.lower())
     if squashed in _NOT_SECRET:
         return False
-    return any(p in squashed for p in _SECRET_PARTS) or any(w in _SECRET_WORDS for w in _words(text))
+    words = _words(text)
+    if any(words[-len(end):] == end for end in _KEY_ENDINGS):
+        return True
+    return any(p in squashed for p in _SECRET_PARTS) or any(w in _SECRET_WORDS for w in words)
 
 
 def _holds_value(key: Any, value: Any) -> bool:

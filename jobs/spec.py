@@ -8,6 +8,7 @@ names its field path (`data.train`, `quantizer.beta`, ...) through `SpecError.er
 from __future__ import annotations
 
 import difflib
+import itertools
 import json
 import math
 import os
@@ -17,6 +18,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+import braceexpand
 import yaml
 from pydantic import (
     BaseModel,
@@ -277,6 +279,9 @@ for _tag in ("binary", "set", "omap", "pairs"):
     _PlainLoader.add_constructor(f"tag:yaml.org,2002:{_tag}", _PlainLoader.refuse_tag)
 
 
+_KEY = re.compile(r"[\w.\- :/]{1,100}")
+
+
 def _valid_unicode(text: str) -> bool:
     try:
         text.encode("utf-8")
@@ -292,8 +297,9 @@ def _plain_errors(value: Any, loc: str, errors: list[dict[str, str]]) -> None:
         return
     if isinstance(value, dict):
         for k, v in value.items():
-            if not isinstance(k, str) or not _valid_unicode(k):
-                errors.append({"loc": loc, "msg": f"keys must be strings of valid Unicode, got {k!r}"[:200]})
+            if not isinstance(k, str) or not _KEY.fullmatch(k) or ".." in k:
+                errors.append({"loc": loc, "msg": f"key {k!r}: keys hold letters, digits, _ . - : / and spaces, "
+                               "at most 100 characters (MLflow keeps them as parameter names)"[:300]})  # fmt: skip
                 continue
             _plain_errors(v, f"{loc}.{k}" if loc else k, errors)
     elif isinstance(value, list):
@@ -396,12 +402,13 @@ def local_paths(spec: JobSpec) -> list[tuple[str, str]]:
 
     def add(loc: str, value: str | list[str] | None) -> None:
         values = [value] if isinstance(value, str) else list(value or [])
-        for i, v in enumerate(values):
-            m = _SCHEME.match(v)
-            if m and m.group(1).lower() != "file":
-                continue
-            path = v[len("file://") :] if v.lower().startswith("file://") else v
-            found.append((loc if isinstance(value, str) else f"{loc}[{i}]", path))
+        for i, whole in enumerate(values):
+            for v in whole.split("::"):  # webdataset joins patterns with `::`: each part is a path of its own
+                m = _SCHEME.match(v)
+                if not v or (m and m.group(1).lower() != "file"):
+                    continue
+                path = v[len("file://") :] if v.lower().startswith("file://") else v
+                found.append((loc if isinstance(value, str) else f"{loc}[{i}]", path))
 
     add("data.train", spec.data.train)
     add("data.eval", spec.data.eval)
@@ -426,6 +433,8 @@ def _static_prefix(path: str) -> Path:
     return Path(head if head.endswith("/") or cut == len(path) else head.rsplit("/", 1)[0] or "/")
 
 
+MAX_EXPANSIONS = 100_000  # paths one brace pattern may expand to (a shard list of ImageNet is 1,282)
+
 # `..` as a path part or a brace alternative (`{..,a}`): past a pattern character it escapes the prefix check
 _DOTDOT = re.compile(r"(^|[/{,])\.\.($|[/},])")
 
@@ -435,15 +444,22 @@ def check_allowed_roots(spec: JobSpec, roots: Iterable[str | Path], base: str | 
     resolved_roots = [Path(r).expanduser().resolve() for r in roots]
     base_dir = Path(base or Path.cwd())
     errors = []
-    for loc, path in local_paths(spec):
-        if _DOTDOT.search(path[_pattern_start(path) :]):  # after a pattern character it would escape the prefix check
-            errors.append({"loc": loc, "msg": f"local path {path!r} must not contain '..' after a pattern"})
+    for loc, pattern in local_paths(spec):
+        # braces expanded first (`.{.,}` is `..` once expanded); what stays a pattern (* ? [) must hold no `..`
+        paths = list(itertools.islice(braceexpand.braceexpand(pattern), MAX_EXPANSIONS + 1))
+        if len(paths) > MAX_EXPANSIONS:
+            errors.append({"loc": loc, "msg": f"{pattern!r} expands to more than {MAX_EXPANSIONS} paths"})
             continue
-        p = _static_prefix(path).expanduser()
-        p = (p if p.is_absolute() else base_dir / p).resolve()
-        if not any(p == r or r in p.parents for r in resolved_roots):
-            allowed = ", ".join(str(r) for r in resolved_roots) or "(none configured)"
-            errors.append({"loc": loc, "msg": f"local path {path!r} is outside the allowed roots: {allowed}"})
+        for path in paths:
+            if _DOTDOT.search(path[_pattern_start(path) :]):  # after a pattern character it would escape the check
+                errors.append({"loc": loc, "msg": f"local path {pattern!r} must not contain '..' after a pattern"})
+                break
+            p = _static_prefix(path).expanduser()
+            p = (p if p.is_absolute() else base_dir / p).resolve()
+            if not any(p == r or r in p.parents for r in resolved_roots):
+                allowed = ", ".join(str(r) for r in resolved_roots) or "(none configured)"
+                errors.append({"loc": loc, "msg": f"local path {pattern!r} is outside the allowed roots: {allowed}"})
+                break
     if errors:
         raise SpecError(errors)
 

@@ -84,6 +84,11 @@ def check_url(url: str, field: str = "url") -> str:
     """Refuse `pipe:` and unknown schemes: a spec must never make a worker run a shell command."""
     if not url or not url.strip():
         raise ValueError("must not be empty")
+    if "::" in url:  # webdataset joins patterns with `::`: every part must pass on its own
+        for part in url.split("::"):
+            if part:
+                check_url(part, field)
+        return url
     if url.startswith("pipe:"):
         raise ValueError(
             "pipe: URLs are refused (they run shell commands); use a path or s3://, gs://, http(s)://"

@@ -157,11 +157,14 @@ def cluster_spread(nodes: list[dict[str, Any]]) -> bool:
 def capacity_errors(resources: dict[str, Any], nodes: list[dict[str, Any]]) -> list[dict[str, str]]:
     """Field errors when the live nodes can never hold the job's workers at once (each worker's CPUs and
     GPUs on one node): such a job would wait for resources forever while holding a slot."""
+    def units(x: Any) -> int:  # Ray's fixed point (1e-4): 10 x 0.1 CPU fit in 1 CPU, as floats they do not
+        return round(float(x) * 10_000)
+
     cpus, gpus, workers = float(resources["cpus_per_worker"]), float(resources["gpus_per_worker"]), resources["workers"]
     fits = 0
     for n in nodes:
-        have_cpu, have_gpu = float(n["resources"].get("CPU", 0)), float(n["resources"].get("GPU", 0))
-        fits += int(min(have_cpu // cpus, have_gpu // gpus if gpus else float("inf")))
+        have_cpu, have_gpu = units(n["resources"].get("CPU", 0)), units(n["resources"].get("GPU", 0))
+        fits += min(have_cpu // units(cpus), have_gpu // units(gpus) if gpus else workers)
     if fits >= workers:
         return []
     most_gpus = max((float(n["resources"].get("GPU", 0)) for n in nodes), default=0.0)

@@ -122,7 +122,7 @@ def create_job(
 ) -> tuple[Job, bool]:
     """Insert a queued job; with an idempotency key already used, return that job instead (created=False)."""
     if idempotency_key:
-        found = db.scalar(select(Job).where(Job.idempotency_key == idempotency_key))
+        found = find_by_key(db, idempotency_key)
         if found is not None:
             return found, False
     job = Job(id=new_job_id(), name=name, kind=kind, spec=spec, owner=owner, idempotency_key=idempotency_key)
@@ -131,11 +131,15 @@ def create_job(
         db.commit()
     except IntegrityError:  # the same key raced in from another request
         db.rollback()
-        found = db.scalar(select(Job).where(Job.idempotency_key == idempotency_key))
+        found = find_by_key(db, idempotency_key)
         if found is None:
             raise
         return found, False
     return job, True
+
+
+def find_by_key(db: Session, idempotency_key: str) -> Job | None:
+    return db.scalar(select(Job).where(Job.idempotency_key == idempotency_key))
 
 
 def get_job(db: Session, job_id: str) -> Job | None:

@@ -57,6 +57,9 @@ CASES: list[tuple[dict[str, Any], str]] = [
     (_spec(kind="tokenize", tokenizer="models:/t@latest", output="s3://u:PLANTED@bucket/out"), "output"),
     (_spec(kind="maskgit", tokenizer="https://u:PLANTED@host/tok"), "tokenizer"),
     (_spec(model={"perceptual": {"weights": "https://u:PLANTED@host/lpips.pt"}}), "model.perceptual.weights"),
+    # an all-digit password is no port: `host:8080/path@x` is, because a path follows the digits
+    (_opts({"endpoint_url": "https://admin:12345678@minio.internal:9000"}), "data.storage_options.endpoint_url"),
+    (_opts({"sse_customer_key": "PLANTED-ssec"}), "data.storage_options.sse_customer_key"),
 ]  # fmt: skip
 
 NOT_SECRET = {
@@ -65,6 +68,7 @@ NOT_SECRET = {
     "config_kwargs": {"signature_version": "s3v4", "s3": {"addressing_style": "path"}},
     "s3_additional_kwargs": {"ServerSideEncryption": "aws:kms", "SSEKMSKeyId": "arn:aws:kms:eu:1:key/k"},
     "requester_pays": True, "key": None, "secret": "", "gs": {"token": "google_default", "project": "p"},
+    "key_prefix": "runs/", "sse_customer_key_md5": "abc",  # "key" as a prefix or a qualifier names no secret
 }  # fmt: skip
 
 

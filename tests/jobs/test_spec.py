@@ -227,10 +227,16 @@ def test_allowed_roots(tmp_path):
     # '..' before any pattern is resolved and checked like the rest (the CLI sends `spec-dir/../shards`)
     check_allowed_roots(parse_spec(base(data={"train": f"{root}/sub/../c10/x-{{0..3}}.tar"})), [root])
     # '..' after a pattern character is invisible to a prefix check: refused
-    for sneaky in [f"{root}/*/../../../etc", f"{root}/[x]/../../home/.ssh", f"{root}/{{a,b}}/../../x"]:
+    for sneaky in [f"{root}/*/../../../etc", f"{root}/[x]/../../home/.ssh"]:
         with pytest.raises(SpecError) as ei:
             check_allowed_roots(parse_spec(base(data={"train": str(root)}, checkpoint={"storage": sneaky})), [root])
         assert [e["loc"] for e in ei.value.errors] == ["checkpoint.storage"] and "'..'" in ei.value.errors[0]["msg"]
+    # braces are expanded first, so each alternative is resolved and checked (`.{.,}` is `..` once expanded)
+    for sneaky in [f"{root}/{{a,b}}/../../x", f"{root}/.{{.,}}/etc", f"{root}/x.tar::/etc/passwd"]:
+        with pytest.raises(SpecError) as ei:
+            check_allowed_roots(parse_spec(base(data={"train": str(root)}, checkpoint={"storage": sneaky})), [root])
+        assert [e["loc"] for e in ei.value.errors] == ["checkpoint.storage"] and "outside" in ei.value.errors[0]["msg"]
+    check_allowed_roots(parse_spec(base(data={"train": f"{root}/{{a,b}}/../c10/x-{{0..3}}.tar"})), [root])
     for example in ("maskgit.yaml", "tokenize.yaml", "demo-cifar.yaml", "tokenizer-cifar-local.yaml"):
         spec = absolute_paths(load_spec(REPO / "examples" / example), REPO / "examples")  # what `vqtrain submit` sends
         check_allowed_roots(spec, [REPO], base=REPO)

@@ -61,6 +61,11 @@ def corpus(tmp_path) -> list[tuple[str, str, str]]:
         ("brace pattern escaping the roots", _yaml(tmp_path, train=f"{tmp_path}/{{..,a}}/{{..,b}}/{{..,c}}/etc/passwd"),
          "data.train"),
         ("glob then ..", _yaml(tmp_path, train=f"{tmp_path}/*/../../etc"), "data.train"),
+        ("braces that expand to ..", _yaml(tmp_path, train=f"{tmp_path}/.{{.,}}/.{{.,}}/etc/passwd"), "data.train"),
+        ("braces that expand to .. (2)", _yaml(tmp_path, train=f"{tmp_path}/{{.,x}}./{{.,x}}./etc/shadow"), "data.train"),
+        ("a :: part outside the roots", _yaml(tmp_path, train=f"{tmp_path}/ok.tar::/etc/passwd"), "data.train"),
+        ("a :: part that is a pipe:", _yaml(tmp_path, train=f"{tmp_path}/x.tar::pipe:cat /etc/passwd"), "data.train"),
+        ("a key MLflow cannot store", _json(tmp_path, data={"storage_options": {"x@y!": 1}}), "data.storage_options"),
         ("perceptual weights as a pipe:", _json(tmp_path, model={"perceptual": {"weights": "pipe:cat /etc/passwd"}}),
          "model.perceptual.weights"),
         ("perceptual weights outside the roots", _json(tmp_path, model={"perceptual": {"weights": "/etc/passwd"}}),
@@ -151,6 +156,18 @@ def test_a_writer_cancels_its_own_jobs_an_admin_any(live, make_settings, tmp_pat
         assert ann.post(f"/v1/jobs/{mine}/cancel").json()["state"] == "cancelled"
     with server.client("ops-token") as ops:
         assert ops.post(f"/v1/jobs/{theirs}/cancel").json()["state"] == "cancelled"
+    # rows stored before owners carried the token's fingerprint recorded the name alone
+    from service import store
+
+    engine = store.make_engine(server.settings.resolved_store_url)
+    with store.session_factory(engine)() as db:
+        db.add(store.Job(id="vq-legacy-owner", name="old", kind="tokenizer", spec=spec_for(tmp_path), owner="bob"))
+        db.commit()
+    engine.dispose()
+    with server.client("ann-token") as ann:
+        assert ann.post("/v1/jobs/vq-legacy-owner/cancel").status_code == 403
+    with server.client("bob-token") as bob:
+        assert bob.post("/v1/jobs/vq-legacy-owner/cancel").json()["state"] == "cancelled"
 
 
 def test_an_idempotency_key_reused_for_another_spec_is_a_conflict(api, tmp_path) -> None:
