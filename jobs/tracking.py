@@ -12,6 +12,7 @@ import importlib
 import os
 import re
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,7 @@ JOB_TAG = "vqtrain.job_id"
 KIND_TAG = "vqtrain.kind"
 MODEL_URI_TAG = "vqtrain.model_uri"
 LOGGED_STEP_TAG = "vqtrain.logged_step"  # the highest step whose metrics reached the run
+LOGGER_TAG = "vqtrain.logger"  # the newest RunLogger of the run: an older one (a worker group Ray replaced) stops
 TOKENIZER_TAG = "vqtrain.tokenizer"  # the tokenizer version a stage-two/tokenize job uses, pinned at its start
 MODEL_VERSION_TAG = "vqtrain.model_version"
 OUTPUT_TAG = "vqtrain.output"
@@ -150,7 +152,10 @@ class RunLogger:
 
     A restarted worker resumes from its last checkpoint and replays the steps after it, some of which had
     already reached the run: each flush records its highest step on the run, and a new logger drops metrics
-    and images at or below it, so every step is logged once.
+    and images at or below it, so every step is logged once. A rank 0 of the replaced worker group may still be
+    running for a moment (Ray stops it at its own pace): each logger claims the run (`LOGGER_TAG`) when it
+    starts and checks the claim before it flushes, so a superseded one drops its buffer instead of logging
+    steps the new group logs again.
     """
 
     def __init__(self, tracking_uri: str, run_id: str, flush_every: float = 5.0):
@@ -162,6 +167,9 @@ class RunLogger:
         logged = self.client.get_run(run_id).data.tags.get(LOGGED_STEP_TAG)
         self.logged_through = int(logged) if logged and logged.lstrip("-").isdigit() else -1
         self.replayed_through = self.logged_through  # steps a restart replays; fixed for this logger's life
+        self.claim = uuid.uuid4().hex
+        self.superseded = False
+        self.client.set_tag(run_id, LOGGER_TAG, self.claim)
 
     def log_metrics(self, metrics: dict[str, Any], step: int, replay: bool = True) -> None:
         """Buffer metrics at `step`; `replay=False` for a record that is new even at a replayed step
@@ -179,6 +187,9 @@ class RunLogger:
 
     def flush(self) -> None:
         buffer, self._buffer = self._buffer, []
+        if not buffer or self._superseded():
+            self._last_flush = time.monotonic()
+            return
         values = to_floats([m.value for m in buffer])
         buffer = [Metric(m.key, v, m.timestamp, m.step) for m, v in zip(buffer, values, strict=True)]
         for i in range(0, len(buffer), 1000):
@@ -187,6 +198,12 @@ class RunLogger:
         if buffer:
             self._mark_logged(max(m.step for m in buffer))
 
+    def _superseded(self) -> bool:
+        """True once a newer logger has claimed the run (checked at each flush: one request per flush)."""
+        if not self.superseded:
+            self.superseded = self.client.get_run(self.run_id).data.tags.get(LOGGER_TAG) != self.claim
+        return self.superseded
+
     def _mark_logged(self, step: int) -> None:
         if step > self.logged_through:
             self.logged_through = step
@@ -194,7 +211,7 @@ class RunLogger:
 
     def log_image(self, image: Any, key: str, step: int) -> None:
         """An image with a step (MLflow's image-per-step view)."""
-        if step <= self.replayed_through:
+        if step <= self.replayed_through or self.superseded:
             return
         self.client.log_image(self.run_id, image, key=key, step=int(step))
 

@@ -54,3 +54,23 @@ def test_a_restarted_logger_logs_each_step_once(tmp_path):
     history = sorted((m.step, m.value) for m in client.get_metric_history(run_id, "train/loss"))
     assert [s for s, _ in history] == list(range(1, 13))
     assert dict(history)[8] == 8.0 and dict(history)[12] == 112.0
+
+
+def test_a_superseded_logger_logs_nothing_more(tmp_path):
+    """Ray replaced the worker group while the old rank 0 still ran a few steps: once the new group's logger
+    has started, the old one's metrics (steps the new group replays and logs itself) never reach the run."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    run_id = client.create_run(client.create_experiment("t", (tmp_path / "a").as_uri())).info.run_id
+    old = tracking.RunLogger(uri, run_id)
+    for step in range(1, 6):
+        old.log_metrics({"train/loss": float(step)}, step)
+    old.flush()
+    new = tracking.RunLogger(uri, run_id)  # resumed from a checkpoint at step 5
+    for step in range(6, 9):
+        old.log_metrics({"train/loss": -1.0}, step)  # the old rank 0, still running
+        new.log_metrics({"train/loss": float(step)}, step)
+    old.flush()
+    new.flush()
+    history = sorted((m.step, m.value) for m in client.get_metric_history(run_id, "train/loss"))
+    assert history == [(s, float(s)) for s in range(1, 9)] and old.superseded and not new.superseded
