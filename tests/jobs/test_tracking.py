@@ -33,11 +33,16 @@ def test_an_alias_is_pinned_once_per_job_and_kept_across_restarts(tmp_path):
     assert client.get_run(job_run).data.tags[tracking.TOKENIZER_TAG] == "models:/tok/1"
 
 
-def test_a_restarted_logger_logs_each_step_once(tmp_path):
-    """Steps replayed after a restart (checkpoint at 5, failure after 10 had been flushed) are not logged twice."""
+def _run(tmp_path: Path) -> tuple[str, MlflowClient, str]:
+    """A tracking URI (SQLite), its client and a fresh run."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(uri)
-    run_id = client.create_run(client.create_experiment("t", (tmp_path / "a").as_uri())).info.run_id
+    return uri, client, client.create_run(client.create_experiment("t", (tmp_path / "a").as_uri())).info.run_id
+
+
+def test_a_restarted_logger_logs_each_step_once(tmp_path):
+    """Steps replayed after a restart (checkpoint at 5, failure after 10 had been flushed) are not logged twice."""
+    uri, client, run_id = _run(tmp_path)
     first = tracking.RunLogger(uri, run_id)
     for step in range(1, 11):
         first.log_metrics({"train/loss": float(step)}, step)
@@ -59,9 +64,7 @@ def test_a_restarted_logger_logs_each_step_once(tmp_path):
 def test_a_superseded_logger_logs_nothing_more(tmp_path):
     """Ray replaced the worker group while the old rank 0 still ran a few steps: once the new group's logger
     has started, the old one's metrics (steps the new group replays and logs itself) never reach the run."""
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    client = MlflowClient(uri)
-    run_id = client.create_run(client.create_experiment("t", (tmp_path / "a").as_uri())).info.run_id
+    uri, client, run_id = _run(tmp_path)
     old = tracking.RunLogger(uri, run_id)
     for step in range(1, 6):
         old.log_metrics({"train/loss": float(step)}, step)
