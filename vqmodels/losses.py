@@ -16,6 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from vqmodels.layers import group_norm
+from vqmodels.metrics.lpips import backbone
+from vqmodels.metrics.weights import load_state
 
 RecLoss = Literal["l1", "l2"]
 AdvLoss = Literal["hinge", "non_saturating"]
@@ -109,34 +111,8 @@ def _grad_norm(loss: torch.Tensor, layer: torch.Tensor, scale: float) -> torch.T
 # ---------------------------------------------------------------------------------------------------------
 # perceptual loss from user-provided weights
 
-_VGG16 = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512)
 _TAPS = (3, 8, 15, 22, 29)  # relu1_2, relu2_2, relu3_3, relu4_3, relu5_3 in torchvision's `features` indices
 _TAP_CHANNELS = (64, 128, 256, 512, 512)
-
-
-def _vgg16_features() -> nn.Sequential:
-    layers: list[nn.Module] = []
-    ch = 3
-    for v in _VGG16:
-        if v == "M":
-            layers.append(nn.MaxPool2d(2, 2))
-        else:
-            layers += [nn.Conv2d(ch, int(v), 3, padding=1), nn.ReLU(inplace=False)]
-            ch = int(v)
-    return nn.Sequential(*layers)  # indices match torchvision's vgg16().features[:30]
-
-
-def _load_state(path: str | Path, field: str) -> dict[str, torch.Tensor]:
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"{field}: weights file {str(p)!r} does not exist (nothing is downloaded)")
-    try:
-        state = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any unpickling failure is the file's fault
-        raise ValueError(f"{field}: cannot read {str(p)!r} as a torch state dict: {e}") from e
-    if not isinstance(state, dict):
-        raise ValueError(f"{field}: {str(p)!r} holds a {type(state).__name__}, not a state dict")
-    return state
 
 
 class PerceptualLoss(nn.Module):
@@ -148,8 +124,8 @@ class PerceptualLoss(nn.Module):
 
     def __init__(self, vgg_path: str | Path, lpips_path: str | Path | None = None):
         super().__init__()
-        self.features = _vgg16_features()
-        state = _load_state(vgg_path, "perceptual_path")
+        self.features = backbone("vgg")
+        state = load_state(vgg_path, "perceptual_path")
         feats = {k.removeprefix("features."): v for k, v in state.items() if not k.startswith("classifier.")}
         feats = {k: v for k, v in feats.items() if k.split(".")[0].isdigit() and int(k.split(".")[0]) < 30}
         missing = sorted(set(self.features.state_dict()) - set(feats))
@@ -161,7 +137,7 @@ class PerceptualLoss(nn.Module):
         self.features.load_state_dict(feats)
         lins = [torch.full((1, c, 1, 1), 1.0 / c) for c in _TAP_CHANNELS]
         if lpips_path is not None:
-            lstate = _load_state(lpips_path, "perceptual_lpips_path")
+            lstate = load_state(lpips_path, "perceptual_lpips_path")
             found = {int(m.group(1)): v for k, v in lstate.items() if (m := re.match(r"lin(\d)\..*weight$", k))}
             if sorted(found) != list(range(5)):
                 raise ValueError(f"perceptual_lpips_path: {str(lpips_path)!r} lacks lin0..lin4 weights")

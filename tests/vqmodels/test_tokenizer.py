@@ -127,10 +127,10 @@ def test_adaptive_weight_survives_fp16_autocast_with_the_scalers_scale() -> None
 
 def _fake_vgg(path: Path) -> None:
     """A random state dict in torchvision's vgg16 layout (weights the user would provide)."""
-    from vqmodels.losses import _vgg16_features
+    from vqmodels.metrics.lpips import backbone
 
     torch.manual_seed(0)
-    state = {f"features.{k}": v for k, v in _vgg16_features().state_dict().items()}
+    state = {f"features.{k}": v for k, v in backbone("vgg").state_dict().items()}
     state["classifier.0.weight"] = torch.zeros(2, 2)  # full torchvision files carry the classifier too
     torch.save(state, path)
 
