@@ -29,6 +29,7 @@ from pydantic import (
 )
 
 from jobs.credentials import credential_errors, redact_spec
+from jobs.spec_evaluation import EvaluationSpec
 from jobs.spec_sections import (  # noqa: F401  (re-exported: jobs.spec is the public module)
     _KIND,
     _MODEL_URI,
@@ -74,6 +75,10 @@ class JobSpec(_Strict):
     checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)
     tracking: TrackingSpec = Field(default_factory=TrackingSpec)
     register: RegisterSpec = Field(default_factory=RegisterSpec)
+    evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec)
+    evaluate: str | None = Field(
+        None, description="eval: the registered model to evaluate, models:/<name>@<alias> or models:/<name>/<version>"
+    )
     tokenizer: str | None = Field(
         None, description="maskgit/tokenize: models:/<name>@<alias>, models:/<name>/<version> or a local dir"
     )
@@ -103,9 +108,28 @@ class JobSpec(_Strict):
 
     _output = field_validator("output")(_check_urls)
 
+    @field_validator("evaluate")
+    @classmethod
+    def _evaluate_ref(cls, v: str | None) -> str | None:
+        if v is not None and not _MODEL_URI.match(v):
+            raise ValueError("must be models:/<name>@<alias> or models:/<name>/<version>")
+        return v
+
     @model_validator(mode="after")
     def _kind_rules(self) -> JobSpec:
-        if self.kind == "tokenizer":
+        if self.kind != "eval" and self.data.train is None:
+            raise FieldError("data.train", "required field is missing")
+        if self.kind != "eval" and self.evaluate is not None:
+            raise FieldError("evaluate", "only eval jobs take this (the model to evaluate)")
+        if self.kind == "eval":
+            for field in ("tokenizer", "output", "model"):
+                if getattr(self, field) is not None:
+                    raise FieldError(field, "an eval job takes the model from `evaluate`; remove this")
+            if self.evaluate is None:
+                raise FieldError("evaluate", "required for kind=eval (models:/<name>@<alias>)")
+            if self.data.eval is None:
+                raise FieldError("data.eval", "required for kind=eval (the shards to evaluate on)")
+        elif self.kind == "tokenizer":
             for field in ("tokenizer", "output"):
                 if getattr(self, field) is not None:
                     raise FieldError(
@@ -162,6 +186,7 @@ def _flat_types(tp: Any) -> Iterable[Any]:
 
 
 _collect_fields(JobSpec)
+_collect_fields(EvaluationSpec)
 _collect_fields(TokenizerModelSpec)
 _collect_fields(MaskGITModelSpec)
 
@@ -412,6 +437,8 @@ def local_paths(spec: JobSpec) -> list[tuple[str, str]]:
 
     add("data.train", spec.data.train)
     add("data.eval", spec.data.eval)
+    for name in ("fid_weights", "classifier", "reference_stats", "lpips_weights"):
+        add(f"evaluation.{name}", getattr(spec.evaluation, name))
     add("checkpoint.storage", spec.checkpoint.storage)
     add("output", spec.output)
     if spec.tokenizer and not spec.tokenizer.startswith("models:"):
@@ -482,6 +509,8 @@ def absolute_paths(spec: JobSpec, base: str | Path) -> JobSpec:
     for key in ("output", "tokenizer"):
         data[key] = fix(data[key])
     data["checkpoint"]["storage"] = fix(data["checkpoint"]["storage"])
+    for name in ("fid_weights", "classifier", "reference_stats", "lpips_weights"):
+        data["evaluation"][name] = fix(data["evaluation"][name])
     if data["kind"] == "tokenizer" and data["model"].get("perceptual"):
         data["model"]["perceptual"]["weights"] = fix(data["model"]["perceptual"]["weights"])
     return parse_spec(data)

@@ -24,7 +24,7 @@ from pydantic import (
 
 from vqmodels.quantize.options import PRESETS, QuantizerOptions, resolve_options
 
-Kind = Literal["tokenizer", "maskgit", "tokenize"]
+Kind = Literal["tokenizer", "maskgit", "tokenize", "eval"]
 NAME_PATTERN = r"^[a-z0-9][a-z0-9\-_.]*$"
 ALIAS_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9\-_]*$"
 MAX_ALIAS_LENGTH = 255  # MLflow's limit on alias names
@@ -120,8 +120,8 @@ def _check_urls(value: str | list[str] | None) -> str | list[str] | None:
 class DataSpec(_Strict):
     """Where the WebDataset shards are and how to stream them."""
 
-    train: str | list[str] = Field(
-        description="brace pattern, prefix/dir, manifest.json URL, or a list of them"
+    train: str | list[str] | None = Field(
+        None, description="brace pattern, prefix/dir, manifest.json URL, or a list of them (required but for kind=eval)"
     )
     eval: str | list[str] | None = Field(None, description="same forms as train; optional")
     image_size: int = Field(32, ge=8, le=4096)
@@ -213,7 +213,7 @@ ModelSpec = Annotated[
     Discriminator(
         _model_tag,
         custom_error_type="model_for_kind",
-        custom_error_message="kind=tokenize takes no model; tokenizer and maskgit jobs do",
+        custom_error_message="kind=tokenize and kind=eval take no model; tokenizer and maskgit jobs do",
     ),
 ]
 

@@ -8,13 +8,11 @@ Rank 0 logs sample grids (MaskGIT decoding, then the tokenizer's decoder) and re
 
 from __future__ import annotations
 
-import math
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from jobs import figures
 from jobs.build import maskgit_config
@@ -23,7 +21,7 @@ from jobs.common import (
     Precision,
     TrainBatches,
     Worker,
-    all_reduce_sum,
+    eval_batches,
     image_loader,
     load_checkpoint,
     lr_factor,
@@ -34,6 +32,7 @@ from jobs.common import (
     set_lr,
     wrap_ddp,
 )
+from jobs.evaluation import Judges, masked_nll, open_judges, sample_metrics
 from jobs.progress import Throughput, log_eval, log_train_step
 from jobs.spec import SpecError, pinned_model_uri
 
@@ -62,6 +61,7 @@ def train_loop(config: dict[str, Any]) -> None:
     prec = Precision(o.precision, worker.device)
     conditional = net.config.num_classes > 0
 
+    judges = open_judges(env, "maskgit")
     seed_everything(o.seed, worker.rank)
     step, skipped_before = 0, 0
     state = load_checkpoint(worker)
@@ -100,7 +100,7 @@ def train_loop(config: dict[str, Any]) -> None:
         t = spec.tracking
         last = step == o.steps
         if (t.eval_every and step % t.eval_every == 0) or last:
-            result = evaluate(net, spec, worker, tok)
+            result = evaluate(net, spec, worker, tok, judges, last)
             if worker.is_main and result:
                 log_eval(env, step, result, last)
             rate.pause()
@@ -167,39 +167,36 @@ def _tokenise(tok: Any, worker: Worker) -> Any:
     return convert
 
 
-@torch.no_grad()
-def evaluate(net: Any, spec: Any, worker: Worker, tok: Any) -> dict[str, float] | None:
-    """Masked-token NLL (no label smoothing) and accuracy over the whole eval split; the masks come from
-    a fixed generator so evaluations at different steps are comparable."""
+def evaluate(net: Any, spec: Any, worker: Worker, tok: Any, judges: Judges, last: bool = True) -> dict[str, float] | None:
+    """Masked-token NLL against the unigram entropy over the eval split (fixed masks, so evaluations at
+    different steps compare), then the sample metrics (FID, IS, class consistency) when their networks are
+    named: at every eval pass, or only at the last with `evaluation.every_eval: false`."""
     loader = token_loader(spec, worker, train=False, tok=tok)
-    if loader is None:
-        return None
-    to_tokens = _tokenise(tok, worker)
-    gen = torch.Generator(device=worker.device).manual_seed(EVAL_SEED + worker.rank)
-    sums = torch.zeros(3, dtype=torch.float64, device=worker.device)  # nll, correct, masked tokens
-    conditional = net.config.num_classes > 0
-    was_training = net.training
-    net.eval()
-    try:
-        for batch in loader:
-            keep = batch.valid.to(worker.device)
-            tokens, labels = to_tokens(batch)
-            tokens, labels = tokens[keep], labels[keep]
-            if tokens.shape[0] == 0:
-                continue
-            out = net(tokens, labels if conditional else None, generator=gen)
-            targets = tokens.reshape(tokens.shape[0], -1)[out.mask]
-            logits = out.logits[out.mask].float()
-            sums[0] += F.cross_entropy(logits, targets, reduction="sum").double()
-            sums[1] += (logits.argmax(-1) == targets).sum().double()
-            sums[2] += targets.numel()
-    finally:
-        net.train(was_training)
-    all_reduce_sum(sums)
-    if sums[2] == 0:
-        return None
-    nll = float(sums[0] / sums[2])
-    return {"eval/nll": nll, "eval/perplexity": math.exp(min(nll, 50.0)), "eval/accuracy": float(sums[1] / sums[2])}
+    metrics: dict[str, float] = {}
+    if loader is not None:
+        to_tokens = _tokenise(tok, worker)
+
+        def valid_tokens():
+            for batch in loader:
+                keep = batch.valid.to(worker.device)
+                tokens, labels = to_tokens(batch)
+                yield tokens[keep], labels[keep]
+
+        metrics.update(masked_nll(net, valid_tokens(), worker.device, worker.rank, EVAL_SEED) or {})
+    if last or spec.evaluation.every_eval:
+        real = (lambda: eval_batches(spec, worker)) if spec.data.eval is not None and _image_split(spec) else None
+        metrics.update(sample_metrics(net, tok, judges, spec.evaluation, worker.rank, worker.world_size,
+                                      worker.device, real))
+    return metrics or None
+
+
+def _image_split(spec: Any) -> bool:
+    """Whether the eval split holds images (token shards cannot be compared with samples in Inception space)."""
+    from jobs.data.manifest import resolve_shards
+    from jobs.data.storage import allowed_roots_from_env
+
+    manifest = resolve_shards(spec.data.eval, spec.data.storage_options, allowed_roots_from_env()).manifest
+    return manifest is None or manifest.kind != "tokens"
 
 
 @torch.no_grad()

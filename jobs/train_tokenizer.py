@@ -8,20 +8,17 @@ resumes at the same step with the same model, optimiser, quantizer buffers and R
 
 from __future__ import annotations
 
-import math
 import tempfile
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from jobs import figures
 from jobs.build import tokenizer_config
 from jobs.common import (
     JobEnv,
     Precision,
-    all_reduce_sum,
     average_gradients,
     eval_batches,
     load_checkpoint,
@@ -35,17 +32,11 @@ from jobs.common import (
     train_batches,
     wrap_ddp,
 )
+from jobs.evaluation import Judges, TokenizerEval, open_judges, tokenizer_metrics
 from jobs.progress import SyncClock, Throughput, log_eval, log_train_step
 
 PREVIEW_IMAGES = 8
 PROJECTION_VECTORS = 4096
-
-
-class EvalResult(NamedTuple):
-    metrics: dict[str, float]  # "eval/psnr", "eval/usage", "eval/perplexity", "eval/quant_error", ...
-    # ("preview/..." when there is no eval split and rank 0's preview batch stood in)
-    counts: torch.Tensor  # (K,) code counts over the whole eval split, all ranks
-    vectors: torch.Tensor  # a sample of encoder outputs (rank 0's), for the projection
 
 
 def train_loop(config: dict[str, Any]) -> None:
@@ -65,6 +56,7 @@ def train_loop(config: dict[str, Any]) -> None:
     dopt = torch.optim.AdamW(disc_params, lr=o.lr, betas=(0.9, 0.99), weight_decay=o.weight_decay) if disc_params else None
     prec, dprec = Precision(o.precision, worker.device), Precision(o.precision, worker.device)
 
+    judges = open_judges(env, "tokenizer")
     seed_everything(o.seed, worker.rank)
     step, skipped_before = 0, 0
     state = load_checkpoint(worker)
@@ -133,7 +125,7 @@ def train_loop(config: dict[str, Any]) -> None:
         t = spec.tracking
         last = step == o.steps
         if (t.eval_every and step % t.eval_every == 0) or last:
-            result = evaluate(tok, spec, worker, preview)
+            result = evaluate(tok, spec, worker, preview, judges, last)
             if worker.is_main and result is not None:
                 log_eval(env, step, result.metrics, last)
                 _log_codebook_figures(env, tok, result, step)
@@ -169,69 +161,21 @@ def register_tokenizer(env: JobEnv, tok: Any) -> str:
         return env.run.log_model(model_dir, "tokenizer", spec.model_name, spec.register.alias)
 
 
-@torch.no_grad()
-def evaluate(tok: Any, spec: Any, worker: Any, preview: torch.Tensor | None) -> EvalResult | None:
-    """PSNR, code usage, perplexity and quantisation error over the whole eval split (every rank reads
-    its part; sums are all-reduced). Without an eval split, rank 0's preview batch (8 training images)
-    stands in and the metrics are named "preview/..." instead of "eval/..."."""
+def evaluate(tok: Any, spec: Any, worker: Any, preview: torch.Tensor | None, judges: Judges,
+             last: bool = True) -> TokenizerEval | None:
+    """The eval split's metrics (`jobs.evaluation.tokenizer_metrics`; every rank reads its part). Without an
+    eval split, rank 0's preview batch (8 training images) stands in and the metrics are named "preview/..."."""
     source = eval_batches(spec, worker)
     prefix = "eval"
     if source is None:
         source = [(preview, None)] if (preview is not None and worker.is_main) else []
         prefix = "preview"
-    k = tok.config.codebook_size
-    dev = worker.device
-    counts = torch.zeros(k, dtype=torch.float64, device=dev)
-    sums = torch.zeros(4, dtype=torch.float64, device=dev)  # psnr, images, quant error, vectors
-    vectors: list[torch.Tensor] = []
-    kept = 0
-    was_training = tok.training
-    tok.eval()
-    try:
-        for images, _ in source:
-            if images.shape[0] == 0:
-                continue
-            x = images.to(dev)
-            z = tok.encoder(x).permute(0, 2, 3, 1)
-            q = tok.quantizer(z)  # eval mode: no collectives, no codebook updates
-            rec = tok.decoder(q.z_q.permute(0, 3, 1, 2)).clamp(-1, 1)
-            mse = (rec.float() - x.float()).pow(2).flatten(1).mean(1).clamp_min(1e-10)
-            n_vec = q.indices.numel()
-            sums += torch.stack(
-                [
-                    (10 * torch.log10(4.0 / mse)).sum().double(),
-                    torch.tensor(float(x.shape[0]), device=dev, dtype=torch.float64),
-                    q.metrics["quant_error"].double() * n_vec,
-                    torch.tensor(float(n_vec), device=dev, dtype=torch.float64),
-                ]
-            )
-            counts += torch.bincount(q.indices.reshape(-1), minlength=k).double()
-            if worker.is_main and kept < PROJECTION_VECTORS:
-                flat = z.reshape(-1, z.shape[-1]).float()
-                if tok.quantizer.options.distance == "cosine":
-                    flat = F.normalize(flat, dim=-1)
-                vectors.append(flat[: PROJECTION_VECTORS - kept].cpu())
-                kept += vectors[-1].shape[0]
-    finally:
-        tok.train(was_training)
-    all_reduce_sum(sums)
-    all_reduce_sum(counts)
-    if sums[1] == 0:
-        return None
-    p = counts / counts.sum().clamp_min(1)
-    entropy = float(-(p[p > 0] * p[p > 0].log()).sum())
-    metrics = {
-        f"{prefix}/psnr": float(sums[0] / sums[1]),
-        f"{prefix}/usage": float((counts > 0).double().mean()),
-        f"{prefix}/perplexity": math.exp(entropy),
-        f"{prefix}/quant_error": float(sums[2] / sums[3].clamp_min(1)),
-        f"{prefix}/images": float(sums[1]),
-    }
-    vec = torch.cat(vectors) if vectors else torch.zeros(0, tok.config.code_dim)
-    return EvalResult(metrics, counts.cpu(), vec)
+    return tokenizer_metrics(tok, source, judges, worker.device, prefix=prefix,
+                             networks=last or spec.evaluation.every_eval,
+                             keep_vectors=PROJECTION_VECTORS if worker.is_main else 0)
 
 
-def _log_codebook_figures(env: JobEnv, tok: Any, result: EvalResult, step: int) -> None:
+def _log_codebook_figures(env: JobEnv, tok: Any, result: TokenizerEval, step: int) -> None:
     env.run.log_figure(figures.usage_histogram(result.counts, step), f"figures/usage/step_{step:07d}.png")
     if result.vectors.shape[0]:
         codebook = tok.quantizer.effective_codebook().detach().float().cpu()

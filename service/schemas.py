@@ -29,6 +29,7 @@ class JobKind(StrEnum):
     tokenizer = "tokenizer"
     maskgit = "maskgit"
     tokenize = "tokenize"
+    eval = "eval"
 
 
 class FieldErrorOut(BaseModel):

@@ -44,7 +44,8 @@ MAX_SPEC_BYTES = 1 << 20
 JobId = Annotated[str, Path(max_length=40, description="job id (vq-…)")]
 _AUTH = {401: {"model": ErrorResponse}}
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*)://")
-_URL_FIELDS = ("data.train", "data.eval", "checkpoint.storage", "output", "tokenizer", "model.perceptual.weights")
+_URL_FIELDS = ("data.train", "data.eval", "checkpoint.storage", "output", "tokenizer", "model.perceptual.weights",
+               "evaluation.fid_weights", "evaluation.lpips_weights", "evaluation.classifier", "evaluation.reference_stats")
 
 
 def spec_components() -> dict[str, Any]:

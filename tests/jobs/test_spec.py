@@ -250,7 +250,7 @@ def test_absolute_paths(tmp_path):
 def test_json_schema_documents_every_section():
     schema = JobSpec.model_json_schema()
     assert {"kind", "name", "data", "model", "quantizer", "optim", "resources", "checkpoint", "tracking",
-            "register", "tokenizer", "output"} == set(schema["properties"])  # fmt: skip
+            "register", "evaluation", "evaluate", "tokenizer", "output"} == set(schema["properties"])  # fmt: skip
     q = schema["$defs"]["QuantizerSpec"]
     assert set(q["properties"]) == {f.name for f in dataclasses.fields(QuantizerOptions)} | {"preset"}
     assert q["additionalProperties"] is False

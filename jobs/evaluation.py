@@ -1,0 +1,378 @@
+"""The field's metrics over an eval split, one code path for training jobs and `vqtrain eval`.
+
+Tokenizers: PSNR, SSIM, LPIPS, rFID (Inception pool3 features of the originals against those of their
+reconstructions), code usage / perplexity / dead codes, bits per image. Generators (MaskGIT): masked-token
+NLL against the unigram entropy of the same tokens, and over class-balanced samples FID, Inception Score and,
+with a user's classifier, class-consistency accuracy and the FD in its features.
+
+Every rank reads its share of the split (each sample once) and the sums and feature statistics are added
+across ranks, so N workers give the number one worker gives. Samples are made in fixed batches, batch b on
+rank b mod N with its own seed, so they too are the same samples whatever N is. A metric whose network was
+not named is left out and listed in `Judges.skipped` with the reason; nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from jobs.common import all_reduce_sum, is_distributed
+from jobs.spec_evaluation import EvaluationSpec
+from vqmodels.metrics import (
+    GaussianStats,
+    bits_per_image,
+    entropy_bits,
+    frechet_distance,
+    inception_score,
+    load_reference,
+    psnr,
+    ssim,
+    to_uint8,
+)
+
+Reduce = Callable[[torch.Tensor], Any]
+SAMPLE_BATCH = 50  # samples per generation batch: fixed, so the samples do not depend on the worker count
+SAMPLE_SEED = 20_251_205
+PROJECTION_VECTORS = 4096
+SSIM_PROTOCOL = "gaussian window 11 px, sigma 1.5, K=(0.01, 0.03) on [0, 1], valid region, mean over RGB"
+
+
+def all_gather(obj: Any) -> list[Any]:
+    """Every rank's `obj`, in rank order (one process: [obj])."""
+    if not is_distributed():
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+# ------------------------------------------------------------------------------------------- judges
+
+
+@dataclass
+class Judges:
+    """The feature networks an evaluation uses, and what it cannot compute without them."""
+
+    inception: Any | None = None  # vqmodels.metrics.inception.FIDInception
+    lpips: Any | None = None  # vqmodels.metrics.lpips.LPIPS
+    classifier: Any | None = None  # a TorchScript module: images in [-1, 1] -> logits
+    classifier_dim: int = 0  # size of its features
+    reference: tuple[np.ndarray, np.ndarray] | None = None  # generator FID reference (mu, sigma)
+    skipped: dict[str, str] = field(default_factory=dict)  # metric -> why it is not computed
+    protocol: dict[str, str] = field(default_factory=dict)  # how each number is made (tags on the run)
+    real_cache: dict[str, Any] = field(default_factory=dict)  # statistics of the eval split, made once per job
+
+
+def load_judges(ev: EvaluationSpec, kind: str, device: torch.device, image_size: int,
+                storage_options: dict[str, Any] | None = None, tracking_uri: str | None = None) -> Judges:
+    """Fetch (once per node) and load the networks `ev` names; list the metrics left out and why."""
+    from jobs.eval_weights import fetch, sha256_of
+
+    j = Judges()
+    get = lambda url, name: fetch(url, f"evaluation.{name}", ev.sha256.get(url), storage_options, tracking_uri)  # noqa: E731
+    generator = kind == "maskgit"
+    if ev.fid_weights:
+        from vqmodels.metrics.inception import load_inception
+
+        path = get(ev.fid_weights, "fid_weights")
+        j.inception = load_inception(path, device)
+        j.protocol["fid"] = (f"Inception-v3 2015-12-05 pool3 (sha256 {sha256_of(path)[:12]}), uint8 images, TF-1.x "
+                             "bilinear resize to 299 (torch-fidelity's network); unbiased covariance")
+    else:
+        for name in ("fid", "inception_score") if generator else ("rfid",):
+            j.skipped[name] = "no evaluation.fid_weights named"
+    if ev.lpips_weights and not generator:
+        from vqmodels.metrics.lpips import load_lpips
+
+        urls = ev.lpips_weights if isinstance(ev.lpips_weights, list) else [ev.lpips_weights]
+        j.lpips = load_lpips([get(u, "lpips_weights") for u in urls]).to(device)
+        j.protocol["lpips"] = f"LPIPS v0.1, {j.lpips.net_name} backbone, images in [-1, 1] at the data's size"
+    elif not generator:
+        j.skipped["lpips"] = "no evaluation.lpips_weights named"
+    if ev.classifier:
+        path = get(ev.classifier, "classifier")
+        try:
+            j.classifier = torch.jit.load(str(path), map_location=device).eval()
+        except Exception as e:  # noqa: BLE001 - any load failure is the file's fault
+            raise ValueError(f"evaluation.classifier: {ev.classifier} is not a TorchScript module: {e}") from e
+        try:
+            with torch.no_grad():
+                j.classifier_dim = _classifier_out(j.classifier, torch.zeros(2, 3, image_size, image_size, device=device))[1].shape[1]
+        except Exception as e:  # noqa: BLE001
+            raise ValueError(f"evaluation.classifier: {ev.classifier} fails on (2, 3, {image_size}, {image_size}) images "
+                             f"in [-1, 1]: {e}") from e
+        j.protocol["classifier"] = f"{ev.classifier} (sha256 {sha256_of(path)[:12]})"
+    else:
+        j.skipped["class_acc"] = "no evaluation.classifier named"
+        j.skipped["classifier_fd"] = "no evaluation.classifier named"
+    if generator and ev.reference_stats:
+        j.reference = load_reference(get(ev.reference_stats, "reference_stats"))
+        j.protocol["fid_reference"] = ev.reference_stats
+    if not generator:
+        j.protocol["ssim"] = SSIM_PROTOCOL
+    return j
+
+
+SKIPPED_TAG = "vqtrain.eval.skipped"
+PROTOCOL_TAG = "vqtrain.eval.protocol."
+
+
+def open_judges(env: Any, kind: str) -> Judges:
+    """A job's judges (every rank loads them; weights are fetched once per node). Rank 0 records on the run
+    how each number is made and which metrics are left out and why (a tag and a log line each)."""
+    import os
+
+    spec = env.spec
+    judges = load_judges(spec.evaluation, kind, env.worker.device, spec.data.image_size, spec.data.storage_options,
+                         os.environ.get("MLFLOW_TRACKING_URI"))
+    if kind == "maskgit":
+        judges.protocol.update(sampling_protocol(spec.evaluation, spec.model.num_classes or 0))
+    judges.protocol["split"] = f"{spec.data.eval} (every image once), at {spec.data.image_size} px"
+    if env.worker.is_main:
+        record_judges(env.run, judges)
+    return judges
+
+
+def record_judges(run: Any, judges: Judges) -> None:
+    """Tags and a log line: the protocol of every number, and what is not computed."""
+    if run is None:
+        return
+    for key, text in judges.protocol.items():
+        run.set_tag(PROTOCOL_TAG + key, text[:5000])
+    if judges.skipped:
+        text = "; ".join(f"{m}: {why}" for m, why in judges.skipped.items())
+        run.set_tag(SKIPPED_TAG, text[:5000])
+        print(f"vqtrain: not computed: {text}", flush=True)
+
+
+def _classifier_out(clf: Any, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits, features) of a user classifier; its logits stand in for features without a `features` method."""
+    logits = clf(images)
+    feats = clf.features(images) if hasattr(clf, "features") else logits
+    return logits.float(), feats.float().flatten(1)
+
+
+# ----------------------------------------------------------------------------------------- tokenizer
+
+
+@dataclass
+class TokenizerEval:
+    metrics: dict[str, float]  # "eval/psnr", "eval/rfid", ... ("preview/..." when rank 0's preview stood in)
+    counts: torch.Tensor  # (K,) code counts over the split, all ranks
+    vectors: torch.Tensor  # a sample of encoder outputs (rank 0's), for the projection figure
+
+
+@torch.no_grad()
+def tokenizer_metrics(tok: Any, batches: Iterable[tuple[torch.Tensor, Any]], judges: Judges, device: torch.device, *,
+                      prefix: str = "eval", networks: bool = True, keep_vectors: int = 0,
+                      reduce: Reduce = all_reduce_sum) -> TokenizerEval | None:
+    """Reconstruction metrics of `tok` over `batches` (this rank's share of the split); None if empty.
+    `networks=False` leaves out the feature-network metrics (rFID, LPIPS) for a cheap pass."""
+    k = tok.config.codebook_size
+    counts = torch.zeros(k, dtype=torch.float64, device=device)
+    sums = torch.zeros(6, dtype=torch.float64, device=device)  # psnr, ssim, lpips, images, quant error, vectors
+    real = GaussianStats(2048, device) if (networks and judges.inception is not None) else None
+    recon = GaussianStats(2048, device) if real is not None else None
+    vectors: list[torch.Tensor] = []
+    kept = 0
+    was_training = tok.training
+    tok.eval()
+    try:
+        for images, _ in batches:
+            if images.shape[0] == 0:
+                continue
+            x = images.to(device)
+            z = tok.encoder(x).permute(0, 2, 3, 1)
+            q = tok.quantizer(z)  # eval mode: no collectives, no codebook updates
+            rec = tok.decoder(q.z_q.permute(0, 3, 1, 2)).clamp(-1, 1)
+            n_vec = q.indices.numel()
+            lp = judges.lpips(rec, x).sum() if (networks and judges.lpips is not None) else x.new_zeros(())
+            sums += torch.stack([psnr(rec, x).sum(), ssim(rec, x).sum(), lp.float(), x.new_tensor(float(x.shape[0])),
+                                 q.metrics["quant_error"].float() * n_vec, x.new_tensor(float(n_vec))]).double()
+            counts += torch.bincount(q.indices.reshape(-1), minlength=k).double()
+            if real is not None and recon is not None:
+                real.update(judges.inception(to_uint8(x))[0])
+                recon.update(judges.inception(to_uint8(rec))[0])
+            if kept < keep_vectors:
+                flat = z.reshape(-1, z.shape[-1]).float()
+                if tok.quantizer.options.distance == "cosine":
+                    flat = F.normalize(flat, dim=-1)
+                vectors.append(flat[: keep_vectors - kept].cpu())
+                kept += vectors[-1].shape[0]
+    finally:
+        tok.train(was_training)
+    reduce(sums)
+    reduce(counts)
+    if real is not None and recon is not None:
+        real.reduce(reduce)
+        recon.reduce(reduce)
+    n = float(sums[3])
+    if n == 0:
+        return None
+    p = counts / counts.sum().clamp_min(1)
+    nats = float(-(p[p > 0] * p[p > 0].log()).sum())
+    grid = round(float(sums[5]) / n)  # tokens per image
+    m = {
+        "psnr": float(sums[0]) / n,
+        "ssim": float(sums[1]) / n,
+        "usage": float((counts > 0).double().mean()),
+        "perplexity": math.exp(nats),
+        "dead_codes": float((counts == 0).sum()),
+        "quant_error": float(sums[4] / sums[5].clamp_min(1)),
+        "images": n,
+        "bits_per_image": bits_per_image(grid, k),
+        "entropy_bits_per_image": grid * entropy_bits(counts),
+    }
+    if networks and judges.lpips is not None:
+        m["lpips"] = float(sums[2]) / n
+    if real is not None and recon is not None and real.count >= 2:
+        m["rfid"] = frechet_distance(*real.mean_cov(), *recon.mean_cov())
+    vec = torch.cat(vectors) if vectors else torch.zeros(0, tok.config.code_dim)
+    return TokenizerEval({f"{prefix}/{key}": v for key, v in m.items()}, counts.cpu(), vec)
+
+
+# ----------------------------------------------------------------------------------------- generator
+
+
+@torch.no_grad()
+def masked_nll(net: Any, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], device: torch.device, rank: int,
+               seed: int = 1234, reduce: Reduce = all_reduce_sum) -> dict[str, float] | None:
+    """Masked-token NLL (nats, no label smoothing) and accuracy over (tokens, labels) batches with masks from a
+    fixed generator, against the unigram entropy of the same tokens (what a model that knows only the code
+    frequencies would score); None for an empty split."""
+    gen = torch.Generator(device=device).manual_seed(seed + rank)
+    k = net.config.codebook_size
+    sums = torch.zeros(3, dtype=torch.float64, device=device)  # nll, correct, masked tokens
+    counts = torch.zeros(k, dtype=torch.float64, device=device)
+    conditional = net.config.num_classes > 0
+    was_training = net.training
+    net.eval()
+    try:
+        for tokens, labels in batches:
+            if tokens.shape[0] == 0:
+                continue
+            out = net(tokens, labels if conditional else None, generator=gen)
+            targets = tokens.reshape(tokens.shape[0], -1)[out.mask]
+            logits = out.logits[out.mask].float()
+            sums[0] += F.cross_entropy(logits, targets, reduction="sum").double()
+            sums[1] += (logits.argmax(-1) == targets).sum().double()
+            sums[2] += targets.numel()
+            counts += torch.bincount(tokens.reshape(-1), minlength=k).double()
+    finally:
+        net.train(was_training)
+    reduce(sums)
+    reduce(counts)
+    if sums[2] == 0:
+        return None
+    nll = float(sums[0] / sums[2])
+    unigram = entropy_bits(counts) * math.log(2)  # nats, like the NLL
+    return {"eval/nll": nll, "eval/perplexity": math.exp(min(nll, 50.0)), "eval/accuracy": float(sums[1] / sums[2]),
+            "eval/unigram_entropy": unigram, "eval/nll_vs_unigram": nll / unigram if unigram > 0 else float("nan")}
+
+
+def _real_statistics(images: Iterable[tuple[torch.Tensor, Any]], judges: Judges, device: torch.device,
+                     reduce: Reduce) -> tuple[GaussianStats | None, GaussianStats | None, int]:
+    """(Inception statistics, classifier-feature statistics, image count) of the eval split, all ranks."""
+    inc = GaussianStats(2048, device) if judges.inception is not None else None
+    clf = GaussianStats(judges.classifier_dim, device) if judges.classifier is not None else None
+    n = torch.zeros(1, dtype=torch.float64, device=device)
+    for x, _ in images:
+        if x.shape[0] == 0:
+            continue
+        x = x.to(device)
+        n += x.shape[0]
+        if inc is not None:
+            inc.update(judges.inception(to_uint8(x))[0])
+        if clf is not None:
+            clf.update(_classifier_out(judges.classifier, x)[1])
+    if clf is not None:
+        clf.reduce(reduce)
+    if inc is not None:
+        inc.reduce(reduce)
+    reduce(n)
+    return inc, clf, int(n.item())
+
+
+@torch.no_grad()
+def sample_metrics(net: Any, tok: Any, judges: Judges, ev: EvaluationSpec, rank: int, world_size: int,
+                   device: torch.device, real_images: Callable[[], Iterable[tuple[torch.Tensor, Any]]] | None, *,
+                   reduce: Reduce = all_reduce_sum) -> dict[str, float]:
+    """FID / IS / class consistency / classifier FD of class-balanced samples (see the module docstring)."""
+    wanted = judges.inception is not None or judges.classifier is not None
+    if not wanted:
+        return {}
+    real_inc = real_clf = None
+    n_real = 0
+    if real_images is not None and (judges.reference is None or judges.classifier is not None):
+        if "real" not in judges.real_cache:
+            judges.real_cache["real"] = _real_statistics(real_images(), judges, device, reduce)
+        real_inc, real_clf, n_real = judges.real_cache["real"]
+    if judges.reference is not None:
+        n = ev.num_samples
+    elif n_real >= 2:
+        n = min(ev.num_samples, n_real)
+    else:
+        judges.skipped.setdefault("fid", "no eval split and no evaluation.reference_stats to compare samples with")
+        n = ev.num_samples if judges.classifier is not None else 0
+    if n == 0:
+        return {}
+    classes = net.config.num_classes
+    fake_inc = GaussianStats(2048, device) if judges.inception is not None else None
+    fake_clf = GaussianStats(judges.classifier_dim, device) if real_clf is not None else None
+    correct = torch.zeros(2, dtype=torch.float64, device=device)  # right, judged
+    logits_parts: list[tuple[int, torch.Tensor]] = []
+    was_training = net.training
+    net.eval()
+    try:
+        for b in range(rank, math.ceil(n / SAMPLE_BATCH), world_size):
+            idx = torch.arange(b * SAMPLE_BATCH, min(n, (b + 1) * SAMPLE_BATCH), device=device)
+            labels = idx % classes if classes else None
+            gen = torch.Generator(device=device).manual_seed(SAMPLE_SEED + b)
+            codes = net.generate(idx.numel(), steps=min(ev.sample_steps, net.config.num_tokens), labels=labels,
+                                 guidance=ev.guidance if classes else 0.0, temperature=ev.temperature,
+                                 choice_temperature=ev.choice_temperature, generator=gen)
+            images = tok.decode(codes).clamp(-1, 1)
+            if fake_inc is not None:
+                feats, logits = judges.inception(to_uint8(images))
+                fake_inc.update(feats)
+                logits_parts.append((b, logits.cpu()))
+            if judges.classifier is not None:
+                clf_logits, clf_feats = _classifier_out(judges.classifier, images)
+                if labels is not None:
+                    correct += torch.stack([(clf_logits.argmax(1) == labels).sum(), idx.new_tensor(idx.numel())]).double()
+                if fake_clf is not None:
+                    fake_clf.update(clf_feats)
+    finally:
+        net.train(was_training)
+    out: dict[str, float] = {"eval/samples": float(n)}
+    if fake_inc is not None:
+        fake_inc.reduce(reduce)
+        ref = judges.reference or (real_inc.mean_cov() if real_inc is not None and real_inc.count >= 2 else None)
+        if ref is not None:
+            out["eval/fid"] = frechet_distance(*ref, *fake_inc.mean_cov())
+        parts = sorted(p for rank_parts in all_gather(logits_parts) for p in rank_parts)
+        logits = torch.cat([t for _, t in parts])
+        if logits.shape[0] >= 10:
+            out["eval/inception_score"], out["eval/inception_score_std"] = inception_score(logits)
+    if judges.classifier is not None:
+        reduce(correct)
+        if classes and correct[1] > 0:
+            out["eval/class_acc"] = float(correct[0] / correct[1])
+        if fake_clf is not None and real_clf is not None and real_clf.count >= 2:
+            fake_clf.reduce(reduce)
+            out["eval/classifier_fd"] = frechet_distance(*real_clf.mean_cov(), *fake_clf.mean_cov())
+    return out
+
+
+def sampling_protocol(ev: EvaluationSpec, classes: int) -> dict[str, str]:
+    """The settings generator numbers depend on, as tags."""
+    return {"sampling": (f"{ev.num_samples} samples{' class-balanced' if classes else ''}, {ev.sample_steps} steps, "
+                         f"guidance {ev.guidance}, temperature {ev.temperature}, choice temperature "
+                         f"{ev.choice_temperature}, seed {SAMPLE_SEED} + batch")}
