@@ -98,10 +98,7 @@ def load_judges(ev: EvaluationSpec, kind: str, device: torch.device, image_size:
         j.skipped["lpips"] = "no evaluation.lpips_weights named"
     if ev.classifier:
         path = get(ev.classifier, "classifier")
-        try:
-            j.classifier = torch.jit.load(str(path), map_location=device).eval()
-        except Exception as e:  # noqa: BLE001 - any load failure is the file's fault
-            raise ValueError(f"evaluation.classifier: {ev.classifier} is not a TorchScript module: {e}") from e
+        j.classifier = load_classifier(path, device, ev.classifier)
         try:
             with torch.no_grad():
                 j.classifier_dim = _classifier_out(j.classifier, torch.zeros(2, 3, image_size, image_size, device=device))[1].shape[1]
@@ -150,6 +147,22 @@ def record_judges(run: Any, judges: Judges) -> None:
         text = "; ".join(f"{m}: {why}" for m, why in judges.skipped.items())
         run.set_tag(SKIPPED_TAG, text[:5000])
         print(f"vqtrain: not computed: {text}", flush=True)
+
+
+def load_classifier(path: Any, device: torch.device, name: str) -> Any:
+    """A user's classifier: a TorchScript file (`torch.jit.save`) or a `torch.export` program (`.pt2`)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # TorchScript is deprecated, still what most ship
+        try:
+            return torch.jit.load(str(path), map_location=device).eval()
+        except Exception as jit_error:  # noqa: BLE001 - maybe an exported program
+            try:
+                return torch.export.load(str(path)).module().to(device)
+            except Exception:  # noqa: BLE001 - neither: report the TorchScript error, the common case
+                raise ValueError(f"evaluation.classifier: {name} is not a TorchScript module nor a torch.export "
+                                 f"program: {jit_error}") from jit_error
 
 
 def _classifier_out(clf: Any, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -303,7 +316,7 @@ def _real_statistics(images: Iterable[tuple[torch.Tensor, Any]], judges: Judges,
 @torch.no_grad()
 def sample_metrics(net: Any, tok: Any, judges: Judges, ev: EvaluationSpec, rank: int, world_size: int,
                    device: torch.device, real_images: Callable[[], Iterable[tuple[torch.Tensor, Any]]] | None, *,
-                   reduce: Reduce = all_reduce_sum) -> dict[str, float]:
+                   reduce: Reduce = all_reduce_sum, batch: int = SAMPLE_BATCH) -> dict[str, float]:
     """FID / IS / class consistency / classifier FD of class-balanced samples (see the module docstring)."""
     wanted = judges.inception is not None or judges.classifier is not None
     if not wanted:
@@ -331,8 +344,8 @@ def sample_metrics(net: Any, tok: Any, judges: Judges, ev: EvaluationSpec, rank:
     was_training = net.training
     net.eval()
     try:
-        for b in range(rank, math.ceil(n / SAMPLE_BATCH), world_size):
-            idx = torch.arange(b * SAMPLE_BATCH, min(n, (b + 1) * SAMPLE_BATCH), device=device)
+        for b in range(rank, math.ceil(n / batch), world_size):
+            idx = torch.arange(b * batch, min(n, (b + 1) * batch), device=device)
             labels = idx % classes if classes else None
             gen = torch.Generator(device=device).manual_seed(SAMPLE_SEED + b)
             codes = net.generate(idx.numel(), steps=min(ev.sample_steps, net.config.num_tokens), labels=labels,

@@ -33,6 +33,7 @@ LOOPS = {
     "tokenizer": "jobs.train_tokenizer:train_loop",
     "maskgit": "jobs.train_maskgit:train_loop",
     "tokenize": "jobs.tokenize:tokenize_loop",
+    "eval": "jobs.eval_job:eval_loop",
 }
 
 
@@ -130,6 +131,8 @@ def run_job(
     # `tokenizer: models:/name@alias` is resolved once, here, and recorded on the run: every worker, restart
     # and resume of this job then loads the same version even if the alias moves meanwhile
     spec = spec.model_copy(update={"tokenizer": tracking.pin_tokenizer(client, run_id, spec.tokenizer)})
+    if spec.kind == "eval":  # the version judged is fixed at the start, like a stage-two job's tokenizer
+        spec = spec.model_copy(update={"evaluate": pin_evaluated(client, run_id, spec.evaluate)})
     result = {
         "run_id": run_id,
         "run_url": tracking.run_url(tracking_uri, exp_id, run_id),
@@ -179,12 +182,40 @@ def run_job(
     result["model_uri"] = tags.get(tracking.MODEL_URI_TAG)
     if tags.get(tracking.OUTPUT_TAG):
         result["output"] = tags[tracking.OUTPUT_TAG]
+    if spec.kind == "eval":
+        result["model"] = spec.evaluate
+        result["metrics"] = eval_result(client.get_run(run_id).data.metrics, tags.get(tracking.EVALUATED_KIND_TAG))
     if metrics.get("train/images_per_s_steady") is not None:
         result["images_per_s"] = metrics["train/images_per_s_steady"]
     if fit.checkpoint is not None:
         result["checkpoint"] = fit.checkpoint.path
     client.set_terminated(run_id, status="FINISHED")
     return result
+
+
+def pin_evaluated(client: Any, run_id: str, uri: str) -> str:
+    """An eval job's model as one version, recorded on its run (a restart judges the same version)."""
+    from jobs import tracking
+
+    pinned = client.get_run(run_id).data.tags.get(tracking.EVALUATED_TAG)
+    if pinned is None:
+        try:
+            pinned = tracking.pin_model_uri(client, uri)
+        except Exception as e:  # noqa: BLE001 - an unknown name or alias: the spec's fault
+            client.set_terminated(run_id, status="FAILED")
+            raise SpecError([{"loc": "evaluate", "msg": f"cannot find {uri} in the registry: {e}"[:500]}]) from e
+        client.set_tag(run_id, tracking.EVALUATED_TAG, pinned)
+    return pinned
+
+
+def eval_result(run_metrics: dict[str, float], kind: str | None) -> dict[str, float | None]:
+    """An eval job's numbers as `vqtrain eval --json` prints them: `eval/` prefix dropped, the kind's
+    headline metrics always present (null when not computed)."""
+    required = {"tokenizer": ("psnr", "ssim", "lpips", "rfid"), "maskgit": ("fid", "inception_score", "nll", "class_acc")}
+    out: dict[str, float | None] = {k.split("/", 1)[1]: v for k, v in run_metrics.items() if k.startswith("eval/")}
+    for key in required.get(kind or "", ()):
+        out.setdefault(key, None)
+    return out
 
 
 def preflight(spec: JobSpec) -> None:

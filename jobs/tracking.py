@@ -29,6 +29,8 @@ MODEL_URI_TAG = "vqtrain.model_uri"
 LOGGED_STEP_TAG = "vqtrain.logged_step"  # the highest step whose metrics reached the run
 LOGGER_TAG = "vqtrain.logger"  # the newest RunLogger of the run: an older one (a worker group Ray replaced) stops
 TOKENIZER_TAG = "vqtrain.tokenizer"  # the tokenizer version a stage-two/tokenize job uses, pinned at its start
+EVALUATED_TAG = "vqtrain.evaluated_model"  # the model version an eval job judged
+EVALUATED_KIND_TAG = "vqtrain.evaluated_kind"  # tokenizer or maskgit
 MODEL_VERSION_TAG = "vqtrain.model_version"
 OUTPUT_TAG = "vqtrain.output"
 SPEC_ARTIFACT = "spec/spec.yaml"
@@ -73,6 +75,11 @@ def pin_model_uri(client: MlflowClient, uri: str) -> str:
     m = _MODELS_URI.match(uri)
     if m is None or pinned_model_uri(uri):
         return uri
+    if m["alias"] and m["alias"].lower() == "latest":  # MLflow's reserved alias: the newest version
+        versions = client.search_model_versions(f"name = '{m['name']}'")
+        if not versions:
+            raise ValueError(f"{uri}: the registered model has no versions")
+        return f"models:/{m['name']}/{max(int(v.version) for v in versions)}"
     if m["alias"]:
         version = client.get_model_version_by_alias(m["name"], m["alias"]).version
         return f"models:/{m['name']}/{version}"
@@ -231,7 +238,8 @@ class RunLogger:
         self.client.set_tag(self.run_id, key, value)
 
     def log_model(
-        self, model_dir: str | Path, artifact_key: str, registered_name: str | None, alias: str | None
+        self, model_dir: str | Path, artifact_key: str, registered_name: str | None, alias: str | None,
+        card: dict[str, str] | None = None, signature: Any = None,
     ) -> str:
         """Log `model_dir` (config.json + weights) as a pyfunc model, register it and set the alias.
 
@@ -242,7 +250,8 @@ class RunLogger:
 
         Idempotent per run: a restarted worker that already registered this run's model reuses that
         version instead of registering a second one. MLflow reserves the alias "latest"; it is never set
-        (`models:/name@latest` already resolves to the newest version).
+        (`models:/name@latest` already resolves to the newest version). `card`: model-card tags for the
+        version (`jobs.model_card`), from which its description is written.
         """
         self.flush()
         tags = self.client.get_run(self.run_id).data.tags
@@ -257,6 +266,7 @@ class RunLogger:
                     artifacts={artifact_key: str(model_dir)},
                     registered_model_name=registered_name,
                     pip_requirements=["torch", "numpy", "mlflow"],
+                    signature=signature,
                     code_paths=[str(Path(importlib.import_module("vqmodels").__file__).parent)],
                 )
             if registered_name is None:
@@ -266,6 +276,10 @@ class RunLogger:
             self.set_tag(MODEL_VERSION_TAG, version)
         if alias and alias.lower() != "latest":
             self.client.set_registered_model_alias(registered_name, alias, version)
+        if card:
+            from jobs.model_card import update_card
+
+            update_card(self.client, registered_name, version, card)
         uri = f"models:/{registered_name}@{alias}" if alias else f"models:/{registered_name}/{version}"
         self.set_tag(MODEL_URI_TAG, uri)
         return uri

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from jobs import figures
+from jobs import figures, model_card
 from jobs.build import maskgit_config
 from jobs.common import (
     JobEnv,
@@ -78,6 +78,7 @@ def train_loop(config: dict[str, Any]) -> None:
                 "config": net.config_dict(), "skipped_samples": batches.skipped}
 
     batches = TrainBatches(token_loader(spec, worker, train=True, tok=tok), step, skipped_before)
+    final: dict[str, float] = {}  # the last evaluation's metrics, for the model card
     to_tokens = _tokenise(tok, worker)
     rate = Throughput(worker.world_size)
     rate.pause()
@@ -101,6 +102,7 @@ def train_loop(config: dict[str, Any]) -> None:
         last = step == o.steps
         if (t.eval_every and step % t.eval_every == 0) or last:
             result = evaluate(net, spec, worker, tok, judges, last)
+            final = result or final
             if worker.is_main and result:
                 log_eval(env, step, result, last)
             rate.pause()
@@ -115,8 +117,14 @@ def train_loop(config: dict[str, Any]) -> None:
         env.run.flush()
         with tempfile.TemporaryDirectory(prefix="vqtrain-model-") as tmp:
             model_dir = Path(tmp) / "maskgit"
-            net.save(model_dir)
-            result["model_uri"] = env.run.log_model(model_dir, "maskgit", spec.model_name, spec.register.alias)
+            net.save(model_dir, extra={"tokenizer": spec.tokenizer})  # the pinned version that decodes its codes
+            card = model_card.card_tags(spec, "maskgit", net)
+            if final:
+                card.update(model_card.eval_tags(model_card.dataset_name(spec.data.eval), final, judges.protocol,
+                                                 judges.skipped))
+            sig = model_card.signature("maskgit", spec.data.image_size, net.config.grid_size)
+            result["model_uri"] = env.run.log_model(model_dir, "maskgit", spec.model_name, spec.register.alias,
+                                                    card=card, signature=sig)
     ray.train.report(result)
 
 

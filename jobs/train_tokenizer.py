@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from jobs import figures
+from jobs import figures, model_card
 from jobs.build import tokenizer_config
 from jobs.common import (
     JobEnv,
@@ -86,6 +86,7 @@ def train_loop(config: dict[str, Any]) -> None:
 
     batches = train_batches(spec, worker, start_step=step, skipped_before=skipped_before)
     preview: torch.Tensor | None = None
+    final: dict[str, float] = {}  # the last evaluation's metrics, for the model card
     rate = Throughput(worker.world_size)
     rate.pause()
     env.clock.saved()  # the wall-clock window opens with training, not with model building and resuming
@@ -126,6 +127,8 @@ def train_loop(config: dict[str, Any]) -> None:
         last = step == o.steps
         if (t.eval_every and step % t.eval_every == 0) or last:
             result = evaluate(tok, spec, worker, preview, judges, last)
+            if result is not None:
+                final = result.metrics
             if worker.is_main and result is not None:
                 log_eval(env, step, result.metrics, last)
                 _log_codebook_figures(env, tok, result, step)
@@ -135,10 +138,10 @@ def train_loop(config: dict[str, Any]) -> None:
             rate.pause()
         maybe_checkpoint(env, step, checkpoint_state, rate)
 
-    finish(env, tok, rate)
+    finish(env, tok, rate, final, judges)
 
 
-def finish(env: JobEnv, tok: Any, rate: Throughput) -> None:
+def finish(env: JobEnv, tok: Any, rate: Throughput, final: dict[str, float], judges: Judges) -> None:
     """Rank 0 saves the inference model (config + weights, no discriminator) and registers it; every
     rank then makes the last report, which carries the model URI to the driver."""
     import ray.train
@@ -148,17 +151,24 @@ def finish(env: JobEnv, tok: Any, rate: Throughput) -> None:
     if env.worker.is_main:
         env.run.log_metrics(result, env.spec.optim.steps)
         env.run.flush()
-        result["model_uri"] = register_tokenizer(env, tok)
+        result["model_uri"] = register_tokenizer(env, tok, final, judges)
     ray.train.report(result)
 
 
-def register_tokenizer(env: JobEnv, tok: Any) -> str:
-    """Log the tokenizer as a pyfunc model and register it (once per run, also across restarts)."""
+def register_tokenizer(env: JobEnv, tok: Any, final: dict[str, float], judges: Judges) -> str:
+    """Log the tokenizer as a pyfunc model and register it (once per run, also across restarts), with its
+    model card: what it is, the final evaluation and that evaluation's protocol."""
     spec = env.spec
+    side = spec.data.image_size // tok.config.downsample
+    card = model_card.card_tags(spec, "tokenizer", tok)
+    if final:
+        card.update(model_card.eval_tags(model_card.dataset_name(spec.data.eval or "preview"), final, judges.protocol,
+                                         judges.skipped))
     with tempfile.TemporaryDirectory(prefix="vqtrain-model-") as tmp:
         model_dir = Path(tmp) / "tokenizer"
         tok.save(model_dir, inference_only=True)
-        return env.run.log_model(model_dir, "tokenizer", spec.model_name, spec.register.alias)
+        return env.run.log_model(model_dir, "tokenizer", spec.model_name, spec.register.alias, card=card,
+                                 signature=model_card.signature("tokenizer", spec.data.image_size, (side, side)))
 
 
 def evaluate(tok: Any, spec: Any, worker: Any, preview: torch.Tensor | None, judges: Judges,

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import typer
 
-from service import cli_jobs, cli_shards
+from service import cli_eval, cli_jobs, cli_shards
 
 app = typer.Typer(help="vqtrain: train discrete image tokenizers on Ray.", no_args_is_help=True)
 app.add_typer(cli_shards.app, name="shards", help="Make, check and inspect WebDataset shards.")
 cli_jobs.register(app)
+cli_eval.register(app)
 
 
 def main() -> None:

@@ -25,6 +25,8 @@ _LAZY = {
     "save": "vqmodels.checkpoint",
     "load": "vqmodels.checkpoint",
     "load_tokenizer": "vqmodels.checkpoint",
+    "load_model": "vqmodels.checkpoint",
+    "load_generator": "vqmodels.checkpoint",
 }
 
 

@@ -54,10 +54,13 @@ def _atomic_write(path: Path, write: Any) -> None:
             os.unlink(tmp)
 
 
-def save(model: nn.Module, directory: str | Path, *, inference_only: bool = False) -> Path:
+def save(model: nn.Module, directory: str | Path, *, inference_only: bool = False,
+         extra: dict[str, Any] | None = None) -> Path:
     """Write `model`'s weights and config to `directory` (created if needed); returns the directory.
 
     inference_only: drop the discriminator's weights (what a registered tokenizer needs: encode/decode).
+    extra: JSON data kept beside the config (a MaskGIT records the tokenizer version that decodes its codes
+    under "tokenizer", and may name its classes under "class_names").
     """
     tag = _model_tag(model)
     d = Path(directory)
@@ -71,6 +74,7 @@ def save(model: nn.Module, directory: str | Path, *, inference_only: bool = Fals
         "config": model.config_dict(),
         "inference_only": inference_only,
         "torch_version": torch.__version__,
+        **({"extra": extra} if extra else {}),
     }
     _atomic_write(d / WEIGHTS, lambda p: torch.save(state, p))
     _atomic_write(d / CONFIG, lambda p: Path(p).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n"))
@@ -140,16 +144,30 @@ def load_tokenizer(
     uri: str | Path, map_location: str | torch.device = "cpu", tracking_uri: str | None = None
 ) -> Tokenizer:
     """A tokenizer from a local directory or an MLflow URI (`models:/name@alias`, `models:/name/3`,
-    `runs:/<id>/path`, ...). MLflow is imported only here, lazily, and only for URIs.
+    `runs:/<id>/path`, ...). See `load_model`."""
+    return load_model(uri, "tokenizer", map_location, tracking_uri)  # type: ignore[return-value]
+
+
+def load_model(
+    uri: str | Path, model: str = "tokenizer", map_location: str | torch.device = "cpu",
+    tracking_uri: str | None = None, with_meta: bool = False,
+) -> Any:
+    """The saved `model` ("tokenizer", "maskgit", "ar") from a local directory or an MLflow URI; with
+    `with_meta`, (model, the checkpoint's config.json). MLflow is imported only here, lazily, only for URIs.
 
     `tracking_uri` (default: MLflow's own configuration) also names the registry for `models:/` URIs.
     MLflow resolves those through its process-wide registry URI, not the `tracking_uri` argument, so it
     is pointed there for the download and restored afterwards (a leftover `MLFLOW_REGISTRY_URI` would
     send later registrations of this process, and of every process it starts, to the wrong server).
     """
+    def read(root: str | Path) -> Any:
+        d = find_checkpoint(root, model)
+        net = load(d, map_location)
+        return (net, read_meta(d)) if with_meta else net
+
     local = Path(uri)
     if local.exists():
-        return load(find_checkpoint(local), map_location)
+        return read(local)
     uri = str(uri)
     if not _URI.match(uri):
         raise FileNotFoundError(f"{uri}: neither a local directory nor an MLflow URI (models:/, runs:/, ...)")
@@ -162,7 +180,20 @@ def load_tokenizer(
         path = artifacts.download_artifacts(
             artifact_uri=uri, dst_path=tmp, tracking_uri=tracking_uri, registry_uri=registry_uri
         )
-        return load(find_checkpoint(path), map_location)
+        return read(path)
+
+
+def load_generator(
+    uri: str | Path, map_location: str | torch.device = "cpu", tracking_uri: str | None = None,
+    tokenizer: str | Path | None = None,
+) -> tuple[nn.Module, Tokenizer]:
+    """(MaskGIT, the tokenizer that decodes its codes) from a directory or MLflow URI. The tokenizer is the
+    version the MaskGIT recorded when it was saved, unless `tokenizer` names one."""
+    net, meta = load_model(uri, "maskgit", map_location, tracking_uri, with_meta=True)
+    tok_uri = tokenizer or (meta.get("extra") or {}).get("tokenizer")
+    if not tok_uri:
+        raise ValueError(f"{uri}: this MaskGIT does not record its tokenizer; pass tokenizer=")
+    return net, load_tokenizer(tok_uri, map_location, tracking_uri)
 
 
 _REGISTRY_ENV = "MLFLOW_REGISTRY_URI"

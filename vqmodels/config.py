@@ -28,8 +28,8 @@ class SavesConfig:
         """The config as JSON data (tuples as lists), what `save` writes beside the weights."""
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self.config).items()}
 
-    def save(self, directory: str | Path, *, inference_only: bool = False) -> Path:
+    def save(self, directory: str | Path, *, inference_only: bool = False, extra: dict[str, Any] | None = None) -> Path:
         """Write weights + config.json to `directory` (see `vqmodels.checkpoint.save`)."""
         from vqmodels.checkpoint import save
 
-        return save(self, directory, inference_only=inference_only)  # type: ignore[arg-type]
+        return save(self, directory, inference_only=inference_only, extra=extra)  # type: ignore[arg-type]

@@ -7,38 +7,18 @@ import numpy as np
 import pytest
 import torch
 
-from tests import reference
+from tests import reference, weights
 from vqmodels.metrics import GaussianStats, frechet_distance, inception_score, psnr, ssim, to_uint8
-from vqmodels.metrics.inception import FIDInception, load_inception
+from vqmodels.metrics.inception import load_inception
 from vqmodels.metrics.lpips import LPIPS, load_lpips
-
-
-def _calibrate_batchnorm(net: torch.nn.Module, images: torch.Tensor) -> None:
-    """BN statistics of real activations, so that a random network's features vary from image to image
-    as a trained one's do (with the defaults they shrink layer by layer to ~1e-3 and every FID is ~0)."""
-    for m in net.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.momentum = None  # cumulative: one pass sets the statistics of that batch
-    torch.nn.Module.train(net, True)  # FIDInception.train() always stays in eval mode
-    with torch.no_grad():
-        net(images)
-    torch.nn.Module.train(net, False)
 
 
 @pytest.fixture(scope="module")
 def inception_file(tmp_path_factory):
-    torch.manual_seed(0)
-    net = FIDInception()
-    _calibrate_batchnorm(net, torch.cat([_images(8, 10), _images(8, 11, size=48)[:, :, :32, :32]]))
-    path = tmp_path_factory.mktemp("weights") / "weights-inception-random.pth"
-    torch.save(net.state_dict(), path)
-    return path
+    return weights.inception_file(tmp_path_factory.mktemp("weights") / "weights-inception-random.pth")
 
 
-def _images(n: int, seed: int, size: int = 32) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    base = torch.rand(n, 3, 1, 1, generator=g) * 200
-    return (base + torch.rand(n, 3, size, size, generator=g) * 55).round().to(torch.uint8)
+_images = weights.images
 
 
 def test_statistics_stream_exactly_and_match_numpy():
