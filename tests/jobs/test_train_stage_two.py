@@ -96,13 +96,12 @@ def test_tokenize_job_writes_the_tokenizers_codes(
     assert sorted(written) == sorted(expected)
 
 
-def test_maskgit_job_trains_on_token_shards(
-    tokenized: dict[str, Any], registered_tokenizer: JobRun, cifar_s3: S3Shards, mlflow_client_uri: str, ray_session: None
-) -> None:
-    from mlflow import MlflowClient
+@pytest.fixture(scope="module")
+def maskgit_job(tokenized: dict[str, Any], registered_tokenizer: JobRun, cifar_s3: S3Shards, mlflow_url: str,
+                ray_session: None, tmp_path_factory: pytest.TempPathFactory) -> JobRun:
+    from tests import weights
 
-    import vqmodels
-
+    fid = weights.inception_file(tmp_path_factory.mktemp("weights") / "inception.pth")
     spec = {
         "kind": "maskgit",
         "name": f"maskgit-{uuid.uuid4().hex[:6]}",
@@ -121,9 +120,20 @@ def test_maskgit_job_trains_on_token_shards(
         "checkpoint": {"every": 10, "storage": f"{cifar_s3.bucket}/checkpoints"},
         "tracking": {"experiment": "tests", "eval_every": 10, "image_every": 10},
         "register": {"alias": "candidate"},
+        # FID / IS of 20 class-balanced samples at the end only (random Inception weights: the numbers are
+        # checked for being made, not for their size)
+        "evaluation": {"fid_weights": str(fid), "num_samples": 20, "sample_steps": 2, "every_eval": False},
     }
-    job = run_spec(spec, mlflow_client_uri)
-    name = spec["name"]
+    return run_spec(spec, mlflow_url)
+
+
+def test_maskgit_job_trains_on_token_shards(maskgit_job: JobRun, mlflow_client_uri: str) -> None:
+    from mlflow import MlflowClient
+
+    import vqmodels
+
+    job = maskgit_job
+    name = job.spec.name
     assert job.result["model_uri"] == f"models:/{name}@candidate"
     client = MlflowClient(mlflow_client_uri)
     run = client.get_run(job.result["run_id"])
@@ -131,6 +141,16 @@ def test_maskgit_job_trains_on_token_shards(
     assert sorted(m.step for m in nll) == [10, 20]
     assert all(0 < m.value < 2 * math.log(32) for m in nll)
     assert 0 <= run.data.metrics["eval/accuracy"] <= 1
+    assert 0 < run.data.metrics["eval/nll_vs_unigram"] < 2 and run.data.metrics["eval/unigram_entropy"] > 0
+    fid = client.get_metric_history(run.info.run_id, "eval/fid")
+    assert [m.step for m in fid] == [20] and fid[0].value > 0  # at the end only (every_eval: false)
+    assert run.data.metrics["eval/samples"] == 20 and run.data.metrics["eval/inception_score"] >= 1
+    assert "class_acc: no evaluation.classifier named" in run.data.tags["vqtrain.eval.skipped"]
+    assert "guidance" in run.data.tags["vqtrain.eval.protocol.sampling"]
+    mv = client.get_model_version_by_alias(name, "candidate")
+    assert mv.tags["vqtrain.card.kind"] == "maskgit" and mv.tags["vqtrain.card.tokenizer"].startswith("models:/")
+    assert float(mv.tags["eval.eval.fid"]) == pytest.approx(fid[0].value, rel=1e-5)
+    assert "load_generator" in mv.description
     logged = [f.path for f in client.list_artifacts(run.info.run_id, "images")]
     assert any(p.startswith("images/samples+step+20") and p.endswith(".png") for p in logged), logged
 
@@ -138,6 +158,47 @@ def test_maskgit_job_trains_on_token_shards(
     assert type(model).__name__ == "MaskGIT" and model.config.grid_size == (4, 4)
     codes = model.generate(3, steps=4, labels=torch.tensor([0, 1, 2]))
     assert codes.shape == (3, 4, 4) and int(codes.max()) < 32
+
+
+def test_vqtrain_sample_writes_pngs_per_class(maskgit_job: JobRun, mlflow_url: str, tmp_path: Path) -> None:
+    from PIL import Image
+
+    env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_url, "VQTRAIN_HOME": str(tmp_path / "home")}
+    uri = maskgit_job.result["model_uri"]
+    p = subprocess.run([sys.executable, "-m", "service.cli", "sample", uri, "--per-class", "2", "--steps", "3",
+                        "-o", str(tmp_path / "out")], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "20 images (16x16)" in p.stdout
+    for label in range(10):
+        files = sorted((tmp_path / "out" / str(label)).glob("*.png"))
+        assert [f.name for f in files] == ["0.png", "1.png"]
+        assert all(Image.open(f).size == (16, 16) for f in files)
+    grid = Image.open(tmp_path / "out" / "grid.png")
+    assert grid.size[1] >= 10 * 16 * 2  # one enlarged row per class
+    # the Python call gives the same images for the same seed (the tokenizer the MaskGIT recorded decodes them)
+    from jobs.sample import sample_images
+
+    a, labels = sample_images(uri, [3, 5], steps=3, tracking_uri=mlflow_url)
+    b, _ = sample_images(uri, [3, 5], steps=3, tracking_uri=mlflow_url)
+    assert a.shape == (2, 16, 16, 3) and a.dtype == np.uint8 and labels == [3, 5] and (a == b).all()
+    bad = subprocess.run([sys.executable, "-m", "service.cli", "sample", uri, "--labels", "12", "-o",
+                          str(tmp_path / "bad")], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "outside this model's classes 0..9" in bad.stderr
+
+
+def test_vqtrain_eval_judges_a_maskgit(maskgit_job: JobRun, cifar_s3: S3Shards, mlflow_url: str,
+                                      node_credentials: dict, tmp_path: Path) -> None:
+    from tests import weights
+
+    fid = weights.inception_file(tmp_path / "inception.pth")
+    env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_url, "VQTRAIN_HOME": str(tmp_path / "home")}
+    p = subprocess.run([sys.executable, "-m", "service.cli", "eval", maskgit_job.result["model_uri"], "--data",
+                        cifar_s3.eval, "--local", "--json", "--fid-weights", str(fid), "--num", "10", "--steps", "2"],
+                       cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    m = json.loads(p.stdout.strip().splitlines()[-1])
+    assert m["fid"] > 0 and m["inception_score"] >= 1 and m["samples"] == 10
+    assert 0 < m["nll"] and m["unigram_entropy"] > 0 and m["class_acc"] is None
 
 
 def _download(uri: str, tracking_uri: str) -> Path:
