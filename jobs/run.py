@@ -185,6 +185,8 @@ def run_job(
     if spec.kind == "eval":
         result["model"] = spec.evaluate
         result["metrics"] = eval_result(client.get_run(run_id).data.metrics, tags.get(tracking.EVALUATED_KIND_TAG))
+    elif spec.kind in ("tokenizer", "maskgit"):  # the final evaluation, for the user's terminal
+        result["metrics"] = eval_result(client.get_run(run_id).data.metrics, spec.kind)
     if metrics.get("train/images_per_s_steady") is not None:
         result["images_per_s"] = metrics["train/images_per_s_steady"]
     if fit.checkpoint is not None:

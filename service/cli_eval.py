@@ -34,6 +34,8 @@ def _card_image_size(uri: str, mlflow_uri: str) -> int | None:
     m = re.match(r"^models:/([^/@]+)(?:@([^/]+)|/(\d+))$", uri)
     if not m:
         return None
+    retries = os.environ.get("MLFLOW_HTTP_REQUEST_MAX_RETRIES")
+    os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "1"  # a hint, not worth minutes of back-off
     try:
         from mlflow import MlflowClient
 
@@ -43,6 +45,11 @@ def _card_image_size(uri: str, mlflow_uri: str) -> int | None:
         return int(size) if size and size.isdigit() else None
     except Exception:  # noqa: BLE001 - no card: the caller's default stands
         return None
+    finally:
+        if retries is None:
+            os.environ.pop("MLFLOW_HTTP_REQUEST_MAX_RETRIES", None)
+        else:
+            os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = retries
 
 
 def eval_command(
@@ -84,8 +91,6 @@ def eval_command(
     if not data:
         raise _fail("--data SHARDS is required (the eval split to judge the model on)")
     uri = _model_uri(target)
-    mlflow_uri = tracking_uri()
-    env["MLFLOW_TRACKING_URI"] = mlflow_uri
     name = re.sub(r"[^a-z0-9\-_.]", "-", ("eval-" + uri[len("models:/"):]).lower())[:100]
     evaluation: dict = {k: v for k, v in {
         "fid_weights": fid_weights, "classifier": classifier, "reference_stats": reference_stats,
@@ -93,14 +98,17 @@ def eval_command(
         "num_samples": num, "sample_steps": steps, "guidance": guidance,
     }.items() if v is not None}
     doc = {"kind": "eval", "name": name, "evaluate": uri, "evaluation": evaluation,
-           "data": {"eval": data if "://" in data else str(Path(data).resolve()),
-                    "image_size": image_size or _card_image_size(uri, mlflow_uri) or 32},
+           "data": {"eval": data if "://" in data else str(Path(data).resolve()), "image_size": image_size or 32},
            "resources": {"workers": workers, "max_failures": 0}}
     try:
-        spec = parse_spec(doc)
+        spec = parse_spec(doc)  # refused before anything is contacted or started
+        mlflow_uri = tracking_uri()
+        if image_size is None and (card_size := _card_image_size(uri, mlflow_uri)):
+            spec = parse_spec({**doc, "data": {**doc["data"], "image_size": card_size}})
     except SpecError as e:
         _print_spec_error(e, "vqtrain eval")
         raise typer.Exit(2) from None
+    env["MLFLOW_TRACKING_URI"] = mlflow_uri
     env["VQTRAIN_SPEC_JSON"] = spec.model_dump_json()
     module = ["jobs.eval_job", "--local"] if local else ["jobs.run"]
     code, result = _run_child([sys.executable, "-m", *module, "--spec-env", "VQTRAIN_SPEC_JSON"], env, log_path,

@@ -138,6 +138,10 @@ def _run_child(cmd: list[str], env: dict, log_path: Path, name: str, verbose: bo
         bar.close()
 
 
+_HEADLINE = ("psnr", "ssim", "lpips", "rfid", "usage", "perplexity", "dead_codes", "bits_per_image", "fid",
+             "inception_score", "class_acc", "nll", "unigram_entropy", "nll_vs_unigram", "images")
+
+
 def _print_result(result: dict) -> None:
     if result.get("run_url"):
         typer.echo(f"MLflow run: {result['run_url']}")
@@ -147,6 +151,12 @@ def _print_result(result: dict) -> None:
         typer.echo(f"model:      {result['model_uri']}")
     if result.get("output"):
         typer.echo(f"output:     {result['output']}")
+    metrics = result.get("metrics") or {}
+    if metrics:
+        typer.echo("final evaluation:")
+        for key in [k for k in _HEADLINE if k in metrics]:
+            v = metrics[key]
+            typer.echo(f"  {key:<22} {'not computed (no weights named in evaluation:)' if v is None else f'{v:.6g}'}")
 
 
 # ------------------------------------------------------------------------------------------- pull
