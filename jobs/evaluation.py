@@ -146,7 +146,7 @@ def record_judges(run: Any, judges: Judges) -> None:
     if judges.skipped:
         text = "; ".join(f"{m}: {why}" for m, why in judges.skipped.items())
         run.set_tag(SKIPPED_TAG, text[:5000])
-        print(f"vqtrain: not computed: {text}", flush=True)
+        print(f"vqtrain note: not computed: {text}", flush=True)  # not "vqtrain: ", which reports a failure
 
 
 def load_classifier(path: Any, device: torch.device, name: str) -> Any:

@@ -2,7 +2,8 @@
 this file, not a pickled class).
 
 `mlflow.pyfunc.load_model("models:/name@alias")` gives a model whose `predict` encodes images to token
-ids (tokenizers) or samples token grids (MaskGIT). Most users skip pyfunc and call
+ids (tokenizers) or samples token grids (MaskGIT; with `params={"output": "images"}`, uint8 images decoded
+by the tokenizer version it recorded, loaded from the registry on first use). Most users skip pyfunc and call
 `vqmodels.load_tokenizer(uri)`, which reads the same artifacts directory.
 """
 
@@ -19,13 +20,18 @@ class VQTrainModel(PythonModel):
     # untyped on purpose: MLflow turns predict's type hints into an input schema
     def load_context(self, context):
         import vqmodels
+        from vqmodels.checkpoint import read_meta
 
         (self.key, path), = context.artifacts.items()
         self.model = vqmodels.load(path)
         self.model.eval()
+        self.meta = read_meta(path)
+        self.tokenizer = None
 
     def predict(self, context, model_input, params=None):
         import torch
+
+        import vqmodels
 
         with torch.no_grad():
             if self.key == "tokenizer":
@@ -37,9 +43,22 @@ class VQTrainModel(PythonModel):
             # MaskGIT: class labels (N,) -> sampled token grids (N, h, w); an unconditional model
             # takes any N values and ignores them
             labels = torch.as_tensor(np.asarray(model_input)).long().reshape(-1)
-            steps = int((params or {}).get("steps", 8))
+            params = params or {}
             cond = labels if self.model.config.num_classes else None
-            return self.model.generate(len(labels), steps=steps, labels=cond).cpu().numpy()
+            codes = self.model.generate(
+                len(labels), steps=int(params.get("steps", 8)), labels=cond,
+                guidance=float(params.get("guidance", 0.0)) if cond is not None else 0.0,
+                temperature=float(params.get("temperature", 1.0)),
+            )
+            if params.get("output", "codes") != "images":
+                return codes.cpu().numpy()
+            if self.tokenizer is None:
+                uri = (self.meta.get("extra") or {}).get("tokenizer")
+                if not uri:
+                    raise ValueError("this MaskGIT does not record its tokenizer: ask for codes instead")
+                self.tokenizer = vqmodels.load_tokenizer(uri)
+            images = self.tokenizer.decode(codes).clamp(-1, 1)
+            return ((images + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
 mlflow.models.set_model(VQTrainModel())

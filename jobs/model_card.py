@@ -48,12 +48,14 @@ def signature(kind: str, image_size: int, grid: tuple[int, int]) -> Any:
     labels (N,) -> int64 code grids (N, h, w) for a MaskGIT."""
     import numpy as np
     from mlflow.models import ModelSignature
-    from mlflow.types.schema import Schema, TensorSpec
+    from mlflow.types.schema import ParamSchema, ParamSpec, Schema, TensorSpec
 
     out = Schema([TensorSpec(np.dtype(np.int64), (-1, *grid), "codes")])
     if kind == "tokenizer":
         return ModelSignature(Schema([TensorSpec(np.dtype(np.uint8), (-1, image_size, image_size, 3), "images")]), out)
-    return ModelSignature(Schema([TensorSpec(np.dtype(np.int64), (-1,), "labels")]), out)
+    params = ParamSchema([ParamSpec("steps", "long", 8), ParamSpec("guidance", "double", 0.0),
+                          ParamSpec("temperature", "double", 1.0), ParamSpec("output", "string", "codes")])
+    return ModelSignature(Schema([TensorSpec(np.dtype(np.int64), (-1,), "labels")]), out, params=params)
 
 
 def eval_tags(dataset: str, metrics: dict[str, float], protocol: dict[str, str], skipped: dict[str, str]) -> dict[str, str]:

@@ -127,7 +127,7 @@ def _run_child(cmd: list[str], env: dict, log_path: Path, name: str, verbose: bo
                     )
                 elif line.startswith(RESULT_PREFIX):
                     result = json.loads(line[len(RESULT_PREFIX) :])
-                elif verbose or line.startswith("vqtrain:"):
+                elif verbose or line.startswith(("vqtrain:", "vqtrain note:")):
                     bar.write(line.rstrip("\n"))
         return proc.wait(), result
     except KeyboardInterrupt:

@@ -188,3 +188,27 @@ def test_evaluation_spec_names_bad_fields():
     with pytest.raises(SpecError) as e:
         parse_spec({"name": "t", "data": {"eval": "/x"}})
     assert e.value.errors[0]["loc"] == "data.train"
+
+
+def test_reference_statistics_of_a_dataset(cifar_slice, weight_files, tmp_path):
+    """`vqtrain eval stats`: the Inception statistics of a shard set, loadable as a generator FID reference."""
+    import numpy as np
+
+    from jobs.data.shards import make_shards
+    from jobs.eval_job import stats_main
+    from vqmodels.metrics import load_reference
+
+    make_shards(str(cifar_slice.folder), str(tmp_path / "shards"), per_shard=100, progress=False)
+    out = tmp_path / "ref.npz"
+    assert stats_main([str(tmp_path / "shards"), "-o", str(out), "--fid-weights", str(weight_files["fid"]),
+                       "--num", "40"]) == 0
+    mu, sigma = load_reference(out)
+    assert mu.shape == (2048,) and sigma.shape == (2048, 2048) and np.isfinite(sigma).all()
+    with np.load(out) as data:
+        assert int(data["n"]) == 40 and str(data["image_size"]) == "32"
+    ev = EvaluationSpec(fid_weights=str(weight_files["fid"]), reference_stats=str(out), num_samples=10, sample_steps=2)
+    tok, net = _models()
+    judges = load_judges(ev, "maskgit", CPU, 32)
+    m = sample_metrics(net, tok, judges, ev, 0, 1, CPU, None, batch=5)
+    assert m["eval/fid"] > 0 and m["eval/samples"] == 10  # against the file: no eval split needed
+    assert stats_main([str(tmp_path / "none"), "-o", str(out), "--fid-weights", str(weight_files["fid"])]) == 2

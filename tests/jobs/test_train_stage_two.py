@@ -151,6 +151,13 @@ def test_maskgit_job_trains_on_token_shards(maskgit_job: JobRun, mlflow_client_u
     assert mv.tags["vqtrain.card.kind"] == "maskgit" and mv.tags["vqtrain.card.tokenizer"].startswith("models:/")
     assert float(mv.tags["eval.eval.fid"]) == pytest.approx(fid[0].value, rel=1e-5)
     assert "load_generator" in mv.description
+
+    import mlflow
+
+    pyfunc = mlflow.pyfunc.load_model(job.result["model_uri"])  # images straight from the registry
+    imgs = pyfunc.predict(np.array([1, 2], dtype=np.int64), params={"output": "images", "steps": 2})
+    assert imgs.shape == (2, 16, 16, 3) and imgs.dtype == np.uint8
+    assert pyfunc.predict(np.array([1], dtype=np.int64), params={"steps": 2}).shape == (1, 4, 4)
     logged = [f.path for f in client.list_artifacts(run.info.run_id, "images")]
     assert any(p.startswith("images/samples+step+20") and p.endswith(".png") for p in logged), logged
 

@@ -73,6 +73,9 @@ def test_read_only_token_reads_but_cannot_write(api, tmp_path):
         ("kind: tokenizer\nname: x\ndata: {train: 's3://b/x'}\noptim: {stepz: 3}\n", "optim.stepz"),
         ("kind: tokenizer\nname: x\ndata: {train: 's3://b/x'}\nquantizer: {beta: 7}\n", "quantizer.beta"),
         ("kind: maskgit\nname: x\ndata: {train: 's3://b/x'}\n", "tokenizer"),
+        ("kind: eval\nname: x\ndata: {eval: 's3://b/x'}\n", "evaluate"),
+        ("kind: eval\nname: x\nevaluate: models:/t@a\ndata: {eval: 's3://b/x'}\nevaluation: {fid_weights: /etc/w.pth}\n",
+         "evaluation.fid_weights"),  # outside the allowed roots
         ("kind: tokenizer\nname: x\ndata: {train: [\n", ""),  # YAML syntax error
         ("[1, 2, 3]", ""),
         ("", ""),
@@ -109,12 +112,16 @@ def test_submit_json_and_yaml_then_list_filter_and_page(api, tmp_path):
                     f"data: {{train: {tmp_path}/shards}}\n"  # fmt: skip
         b = c.post("/v1/jobs", content=yaml_body, headers={"Content-Type": "application/yaml"})
         assert b.status_code == 201 and b.json()["kind"] == "tokenize"
+        e = c.post("/v1/jobs", json={"kind": "eval", "name": "judge", "evaluate": "models:/first@latest",
+                                     "data": {"eval": f"{tmp_path}/shards"}})
+        assert e.status_code == 201 and e.json()["kind"] == "eval"
         page = c.get("/v1/jobs").json()
-        assert page["total"] == 2 and [j["name"] for j in page["items"]] == ["second", "first"]  # newest first
+        assert page["total"] == 3 and [j["name"] for j in page["items"]] == ["judge", "second", "first"]  # newest first
         assert [j["name"] for j in c.get("/v1/jobs", params={"kind": "tokenize"}).json()["items"]] == ["second"]
         assert c.get("/v1/jobs", params={"state": "running"}).json()["total"] == 0
-        one = c.get("/v1/jobs", params={"limit": 1, "offset": 1}).json()
-        assert one["total"] == 2 and [j["name"] for j in one["items"]] == ["first"]
+        assert [j["name"] for j in c.get("/v1/jobs", params={"kind": "eval"}).json()["items"]] == ["judge"]
+        one = c.get("/v1/jobs", params={"limit": 1, "offset": 2}).json()
+        assert one["total"] == 3 and [j["name"] for j in one["items"]] == ["first"]
         assert c.get("/v1/jobs", params={"limit": 0}).status_code == 422
         assert c.get("/v1/jobs", params={"state": "bogus"}).status_code == 422
         d = c.get(f"/v1/jobs/{a.json()['id']}").json()
