@@ -188,7 +188,7 @@ def main() -> None:
     recon_acc, recon_feats = judge(clf, recon, held_y)
     pick = balanced(held_y, a.per_class)
     nll = masked_nll(net, [(codes[i : i + 250], held_y[i : i + 250]) for i in range(0, len(codes), 250)],
-                     torch.device("cpu"), rank=0)
+                     torch.device("cpu"))
     assert nll is not None
     mse = (recon - real).pow(2).flatten(1).mean(1)
     report: dict = {

@@ -64,7 +64,7 @@ def evaluate_registered(spec: Any, worker: Worker, run: Any | None, tracking_uri
         judges.protocol.update(sampling_protocol(spec.evaluation, net.config.num_classes))
         conditional = net.config.num_classes > 0
         tokens = ((tok.encode(x.to(dev)), y.to(dev) if conditional else y) for x, y in eval_batches(spec, worker))
-        metrics = masked_nll(net, tokens, dev, worker.rank) or {}
+        metrics = masked_nll(net, tokens, dev) or {}
         metrics.update(sample_metrics(net, tok, judges, spec.evaluation, worker.rank, worker.world_size, dev,
                                       lambda: eval_batches(spec, worker)))
     flat = eval_result(metrics, kind)

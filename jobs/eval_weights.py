@@ -3,8 +3,9 @@
 A location is a local path (read in place), `s3://` / `gs://` / `http(s)://` in the user's own store, or an
 MLflow artifact URI (`models:/...`, `runs:/...`, `mlflow-artifacts:/...`). Remote files land in
 `<VQTRAIN_HOME>/weights/<hash of the location>/<file name>`, written atomically under a lock so the
-workers of one node fetch a file once. With a `sha256`, the file (local or cached) must match it; a cached
-copy that no longer matches is fetched again.
+workers of one node fetch a file once. The cache key is the location with its S3 endpoint or MLflow server;
+an MLflow alias without a `sha256` is fetched again each time (aliases move). With a `sha256`, the file
+(local or cached) must match it; a cached copy that no longer matches is fetched again.
 """
 
 from __future__ import annotations
@@ -47,7 +48,9 @@ def _download(url: str, dest: Path, storage_options: dict[str, Any] | None, trac
         import mlflow.artifacts
 
         with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
-            got = Path(mlflow.artifacts.download_artifacts(artifact_uri=url, dst_path=tmp, tracking_uri=tracking_uri))
+            registry = tracking_uri if scheme == "models" else None  # models:/ resolves through the registry URI
+            got = Path(mlflow.artifacts.download_artifacts(artifact_uri=url, dst_path=tmp, tracking_uri=tracking_uri,
+                                                           registry_uri=registry))
             if got.is_dir():
                 files = [p for p in got.rglob("*") if p.is_file()]
                 if len(files) != 1:
@@ -73,12 +76,19 @@ def fetch(url: str, field: str, sha256: str | None = None, storage_options: dict
             raise ValueError(f"{field}: {str(path)!r} does not match its sha256 {sha256} (a different or damaged file)")
         return path
     name = Path(url.rstrip("/").rsplit("/", 1)[-1] or "weights").name or "weights"
-    folder = cache_root() / hashlib.sha256(url.encode()).hexdigest()[:24]
+    # the same URL on another endpoint or MLflow server is another file: both are part of the cache key
+    from jobs.data.storage import fs_options
+
+    endpoint = fs_options(url, storage_options).get("endpoint_url", "") if scheme in ("s3", "s3a") else ""
+    where = (tracking_uri or "") if scheme in MLFLOW_SCHEMES else ""
+    folder = cache_root() / hashlib.sha256(f"{url}\n{endpoint}\n{where}".encode()).hexdigest()[:24]
+    # an alias (models:/name@alias/...) may move: without a digest to check, such a copy is fetched again
+    movable = scheme == "models" and "@" in url.split("/", 2)[1] and not sha256
     folder.mkdir(parents=True, exist_ok=True)
     dest = folder / name
     with open(folder / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # one fetch per node; the others wait and find the file
-        if dest.is_file() and (not sha256 or sha256_of(dest) == sha256):
+        if dest.is_file() and not movable and (not sha256 or sha256_of(dest) == sha256):
             return dest
         part = folder / f".{name}.part"
         try:

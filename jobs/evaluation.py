@@ -33,6 +33,7 @@ from vqmodels.metrics import (
     inception_score,
     load_reference,
     psnr,
+    reference_meta,
     ssim,
     to_uint8,
 )
@@ -110,8 +111,17 @@ def load_judges(ev: EvaluationSpec, kind: str, device: torch.device, image_size:
         j.skipped["class_acc"] = "no evaluation.classifier named"
         j.skipped["classifier_fd"] = "no evaluation.classifier named"
     if generator and ev.reference_stats:
-        j.reference = load_reference(get(ev.reference_stats, "reference_stats"))
-        j.protocol["fid_reference"] = ev.reference_stats
+        ref_path = get(ev.reference_stats, "reference_stats")
+        j.reference = load_reference(ref_path)
+        meta = reference_meta(ref_path)
+        weights_sha = j.protocol.get("fid", "")
+        if meta.get("weights_sha256") and ev.fid_weights and meta["weights_sha256"][:12] not in weights_sha:
+            raise ValueError(f"evaluation.reference_stats: {ev.reference_stats} was made with other Inception weights "
+                             f"(sha256 {meta['weights_sha256'][:12]}): its FID would compare different features")
+        if meta.get("image_size") and meta["image_size"] != str(image_size):
+            raise ValueError(f"evaluation.reference_stats: {ev.reference_stats} holds {meta['image_size']} px images, "
+                             f"this evaluation {image_size} px")
+        j.protocol["fid_reference"] = f"{ev.reference_stats} ({meta.get('n', '?')} images of {meta.get('source', '?')})"
     if not generator:
         j.protocol["ssim"] = SSIM_PROTOCOL
     return j
@@ -131,10 +141,24 @@ def open_judges(env: Any, kind: str) -> Judges:
                          os.environ.get("MLFLOW_TRACKING_URI"))
     if kind == "maskgit":
         judges.protocol.update(sampling_protocol(spec.evaluation, spec.model.num_classes or 0))
+        if judges.inception is not None and judges.reference is None and not image_split(spec):
+            judges.skipped["fid"] = "no image eval split and no evaluation.reference_stats to compare samples with"
     judges.protocol["split"] = f"{spec.data.eval} (every image once), at {spec.data.image_size} px"
     if env.worker.is_main:
         record_judges(env.run, judges)
     return judges
+
+
+def image_split(spec: Any) -> bool:
+    """Whether the spec's eval split holds images (token shards cannot be compared with samples in feature
+    space)."""
+    from jobs.data.manifest import resolve_shards
+    from jobs.data.storage import allowed_roots_from_env
+
+    if spec.data.eval is None:
+        return False
+    manifest = resolve_shards(spec.data.eval, spec.data.storage_options, allowed_roots_from_env()).manifest
+    return manifest is None or manifest.kind != "tokens"
 
 
 def record_judges(run: Any, judges: Judges) -> None:
@@ -254,13 +278,31 @@ def tokenizer_metrics(tok: Any, batches: Iterable[tuple[torch.Tensor, Any]], jud
 # ----------------------------------------------------------------------------------------- generator
 
 
+def eval_masks(tokens: torch.Tensor, seed: int, schedule: str) -> torch.Tensor:
+    """(B, N) bool masks that depend only on each sample's codes and `seed` (not on its batch, rank or worker
+    count): MaskGIT's training masking (r ~ U(0, 1), ⌈γ(r)·N⌉ random positions) from a per-sample generator."""
+    import zlib
+
+    from vqmodels.maskgit import gamma
+
+    flat = tokens.reshape(tokens.shape[0], -1).long().cpu()
+    b, n = flat.shape
+    r, scores = torch.empty(b), torch.empty(b, n)
+    for i in range(b):
+        g = torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(flat[i].numpy().tobytes())) % 2**63)
+        r[i] = torch.rand(1, generator=g)[0]
+        scores[i] = torch.rand(n, generator=g)
+    counts = torch.ceil(gamma(r, schedule) * n).long().clamp(1, n)
+    return (scores.argsort(1).argsort(1) < counts[:, None]).to(tokens.device)
+
+
 @torch.no_grad()
-def masked_nll(net: Any, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], device: torch.device, rank: int,
+def masked_nll(net: Any, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], device: torch.device,
                seed: int = 1234, reduce: Reduce = all_reduce_sum) -> dict[str, float] | None:
-    """Masked-token NLL (nats, no label smoothing) and accuracy over (tokens, labels) batches with masks from a
-    fixed generator, against the unigram entropy of the same tokens (what a model that knows only the code
-    frequencies would score); None for an empty split."""
-    gen = torch.Generator(device=device).manual_seed(seed + rank)
+    """Masked-token NLL (nats, no label smoothing) and accuracy over (tokens, labels) batches, each sample
+    masked as a function of its own codes (`eval_masks`: evaluations at different steps and on any number
+    of workers compare), against the unigram entropy of the same tokens (what a model that knows only the
+    code frequencies would score); None for an empty split."""
     k = net.config.codebook_size
     sums = torch.zeros(3, dtype=torch.float64, device=device)  # nll, correct, masked tokens
     counts = torch.zeros(k, dtype=torch.float64, device=device)
@@ -271,13 +313,15 @@ def masked_nll(net: Any, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], d
         for tokens, labels in batches:
             if tokens.shape[0] == 0:
                 continue
-            out = net(tokens, labels if conditional else None, generator=gen)
-            targets = tokens.reshape(tokens.shape[0], -1)[out.mask]
-            logits = out.logits[out.mask].float()
-            sums[0] += F.cross_entropy(logits, targets, reduction="sum").double()
-            sums[1] += (logits.argmax(-1) == targets).sum().double()
-            sums[2] += targets.numel()
-            counts += torch.bincount(tokens.reshape(-1), minlength=k).double()
+            targets = tokens.reshape(tokens.shape[0], -1).long()
+            mask = eval_masks(targets, seed, net.config.schedule)
+            inputs = torch.where(mask, torch.full_like(targets, net.mask_id), targets)
+            logits = net.logits(inputs, labels if conditional else None)[mask].float()
+            picked = targets[mask]
+            sums[0] += F.cross_entropy(logits, picked, reduction="sum").double()
+            sums[1] += (logits.argmax(-1) == picked).sum().double()
+            sums[2] += picked.numel()
+            counts += torch.bincount(targets.reshape(-1), minlength=k).double()
     finally:
         net.train(was_training)
     reduce(sums)
@@ -327,15 +371,9 @@ def sample_metrics(net: Any, tok: Any, judges: Judges, ev: EvaluationSpec, rank:
         if "real" not in judges.real_cache:
             judges.real_cache["real"] = _real_statistics(real_images(), judges, device, reduce)
         real_inc, real_clf, n_real = judges.real_cache["real"]
-    if judges.reference is not None:
-        n = ev.num_samples
-    elif n_real >= 2:
-        n = min(ev.num_samples, n_real)
-    else:
-        judges.skipped.setdefault("fid", "no eval split and no evaluation.reference_stats to compare samples with")
-        n = ev.num_samples if judges.classifier is not None else 0
-    if n == 0:
-        return {}
+    # FID compares with the eval split (at most its size in samples) or the reference file; IS and class
+    # consistency need no reference
+    n = min(ev.num_samples, n_real) if (judges.reference is None and n_real >= 2) else ev.num_samples
     classes = net.config.num_classes
     fake_inc = GaussianStats(2048, device) if judges.inception is not None else None
     fake_clf = GaussianStats(judges.classifier_dim, device) if real_clf is not None else None
@@ -386,6 +424,7 @@ def sample_metrics(net: Any, tok: Any, judges: Judges, ev: EvaluationSpec, rank:
 
 def sampling_protocol(ev: EvaluationSpec, classes: int) -> dict[str, str]:
     """The settings generator numbers depend on, as tags."""
-    return {"sampling": (f"{ev.num_samples} samples{' class-balanced' if classes else ''}, {ev.sample_steps} steps, "
+    return {"sampling": (f"up to {ev.num_samples} samples{' class-balanced' if classes else ''} (at most the eval "
+                         f"split's size without reference_stats; the count used is eval/samples), {ev.sample_steps} steps, "
                          f"guidance {ev.guidance}, temperature {ev.temperature}, choice temperature "
                          f"{ev.choice_temperature}, seed {SAMPLE_SEED} + batch")}

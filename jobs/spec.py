@@ -511,6 +511,7 @@ def absolute_paths(spec: JobSpec, base: str | Path) -> JobSpec:
     data["checkpoint"]["storage"] = fix(data["checkpoint"]["storage"])
     for name in ("fid_weights", "classifier", "reference_stats", "lpips_weights"):
         data["evaluation"][name] = fix(data["evaluation"][name])
+    data["evaluation"]["sha256"] = {fix(k): v for k, v in data["evaluation"]["sha256"].items()}
     if data["kind"] == "tokenizer" and data["model"].get("perceptual"):
         data["model"]["perceptual"]["weights"] = fix(data["model"]["perceptual"]["weights"])
     return parse_spec(data)

@@ -32,7 +32,7 @@ from jobs.common import (
     set_lr,
     wrap_ddp,
 )
-from jobs.evaluation import Judges, masked_nll, open_judges, sample_metrics
+from jobs.evaluation import Judges, image_split, masked_nll, open_judges, sample_metrics
 from jobs.progress import Throughput, log_eval, log_train_step
 from jobs.spec import SpecError, pinned_model_uri
 
@@ -190,21 +190,12 @@ def evaluate(net: Any, spec: Any, worker: Worker, tok: Any, judges: Judges, last
                 tokens, labels = to_tokens(batch)
                 yield tokens[keep], labels[keep]
 
-        metrics.update(masked_nll(net, valid_tokens(), worker.device, worker.rank, EVAL_SEED) or {})
+        metrics.update(masked_nll(net, valid_tokens(), worker.device, EVAL_SEED) or {})
     if last or spec.evaluation.every_eval:
-        real = (lambda: eval_batches(spec, worker)) if spec.data.eval is not None and _image_split(spec) else None
+        real = (lambda: eval_batches(spec, worker)) if image_split(spec) else None
         metrics.update(sample_metrics(net, tok, judges, spec.evaluation, worker.rank, worker.world_size,
                                       worker.device, real))
     return metrics or None
-
-
-def _image_split(spec: Any) -> bool:
-    """Whether the eval split holds images (token shards cannot be compared with samples in Inception space)."""
-    from jobs.data.manifest import resolve_shards
-    from jobs.data.storage import allowed_roots_from_env
-
-    manifest = resolve_shards(spec.data.eval, spec.data.storage_options, allowed_roots_from_env()).manifest
-    return manifest is None or manifest.kind != "tokens"
 
 
 @torch.no_grad()

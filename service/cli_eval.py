@@ -17,7 +17,7 @@ from typing import Annotated
 
 import typer
 
-from jobs.spec import SpecError, parse_spec
+from jobs.spec import SpecError, absolute_paths, parse_spec
 from service import embedded
 from service.cli_jobs import _fail, _print_spec_error, _run_child, tracking_uri
 
@@ -98,10 +98,12 @@ def eval_command(
         "num_samples": num, "sample_steps": steps, "guidance": guidance,
     }.items() if v is not None}
     doc = {"kind": "eval", "name": name, "evaluate": uri, "evaluation": evaluation,
-           "data": {"eval": data if "://" in data else str(Path(data).resolve()), "image_size": image_size or 32},
+           "data": {"eval": data, "image_size": image_size or 32},
            "resources": {"workers": workers, "max_failures": 0}}
     try:
-        spec = parse_spec(doc)  # refused before anything is contacted or started
+        # local paths (weights, data) as absolute ones: a Ray worker runs in another folder
+        spec = absolute_paths(parse_spec(doc), Path.cwd())  # refused before anything is contacted or started
+        doc = spec.model_dump(mode="json")
         mlflow_uri = tracking_uri()
         if image_size is None and (card_size := _card_image_size(uri, mlflow_uri)):
             spec = parse_spec({**doc, "data": {**doc["data"], "image_size": card_size}})

@@ -105,10 +105,10 @@ def _evaluate(rank: int, world: int, files: dict, port: int, out: dict) -> None:
         res = tokenizer_metrics(tok, mine, judges, CPU)
         gen_judges = load_judges(ev, "maskgit", CPU, 32)
         tokens = [(tok.encode(x), y) for x, y in mine]
-        nll = masked_nll(net, tokens, CPU, rank=0) or {}  # same masks on every rank for the comparison
+        nll = masked_nll(net, tokens, CPU) or {}
         samples = sample_metrics(net, tok, gen_judges, ev, rank, world, CPU, lambda: mine, batch=5)
         if rank == 0:
-            out.update({**res.metrics, **samples, "nll_keys": sorted(nll)})
+            out.update({**res.metrics, **samples, **nll})
     finally:
         if world > 1:
             dist.destroy_process_group()
@@ -128,12 +128,12 @@ def test_two_ranks_give_the_numbers_of_one(weight_files):
     _evaluate(0, 1, weight_files, 0, one)
     two = _run_two_ranks(weight_files)
     for key in ("eval/psnr", "eval/ssim", "eval/lpips", "eval/rfid", "eval/usage", "eval/perplexity", "eval/images",
-                "eval/fid", "eval/inception_score", "eval/samples"):
+                "eval/fid", "eval/inception_score", "eval/samples", "eval/nll"):
         assert key in one, key
         assert two[key] == pytest.approx(one[key], rel=1e-6, abs=1e-9), key
     assert one["eval/rfid"] > 0 and one["eval/lpips"] > 0 and one["eval/samples"] == 12  # min(20, split size)
-    assert one["nll_keys"] == ["eval/accuracy", "eval/nll", "eval/nll_vs_unigram", "eval/perplexity",
-                               "eval/unigram_entropy"]
+    for key in ("eval/nll", "eval/accuracy", "eval/unigram_entropy", "eval/nll_vs_unigram"):
+        assert two[key] == pytest.approx(one[key], rel=1e-9), key  # masks follow the samples, not the ranks
 
 
 def test_generator_metrics_with_a_classifier(tmp_path):
@@ -185,6 +185,11 @@ def test_evaluation_spec_names_bad_fields():
         assert any(err["loc"] == loc for err in e.value.errors), (change, e.value.errors)
     spec = parse_spec({**base, "evaluation": {"fid_weights": "models:/inception@v1/weights.pth"}})
     assert spec.evaluation.fid_weights.startswith("models:/")
+    from jobs.spec import absolute_paths
+
+    rel = parse_spec({**base, "evaluation": {"fid_weights": "w/inception.pth", "sha256": {"w/inception.pth": "a" * 64}}})
+    moved = absolute_paths(rel, "/specs")  # a spec file's relative paths: the digest follows its file
+    assert moved.evaluation.sha256 == {"/specs/w/inception.pth": "a" * 64}
     with pytest.raises(SpecError) as e:
         parse_spec({"name": "t", "data": {"eval": "/x"}})
     assert e.value.errors[0]["loc"] == "data.train"

@@ -269,15 +269,15 @@ def test_cli_spec_schema_and_check(tmp_path):
     assert "data.train" in out.stderr and "optim.steps" in out.stderr
 
 
-@pytest.mark.parametrize("path", sorted((REPO / "examples").glob("*.yaml")), ids=lambda p: p.name)
+@pytest.mark.parametrize("path", sorted((REPO / "examples").rglob("*.yaml")), ids=lambda p: str(p.relative_to(REPO / "examples")))
 def test_examples_validate(path):
     spec = load_spec(path)
-    assert spec.name and spec.kind in ("tokenizer", "maskgit", "tokenize")
+    assert spec.name and spec.kind in ("tokenizer", "maskgit", "tokenize", "eval")
 
 
 def test_examples_cover_every_kind():
-    kinds = {load_spec(p).kind for p in (REPO / "examples").glob("*.yaml")}
-    assert kinds == {"tokenizer", "maskgit", "tokenize"}
+    kinds = {load_spec(p).kind for p in (REPO / "examples").rglob("*.yaml")}
+    assert kinds == {"tokenizer", "maskgit", "tokenize", "eval"}
 
 
 def test_cluster_storage_errors_name_every_field_on_this_machines_disk() -> None:

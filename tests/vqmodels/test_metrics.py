@@ -73,6 +73,19 @@ def test_inception_matches_torch_fidelity_under_the_same_weights(inception_file)
     torch.testing.assert_close(logits, ref_logits, rtol=1e-5, atol=1e-4)
 
 
+def test_the_converted_weights_layout_loads(inception_file, tmp_path):
+    """torch-fidelity's converter writes no BN `num_batches_tracked` counters: that file must load too."""
+    state = torch.load(inception_file, weights_only=True)
+    slim = {k: v for k, v in state.items() if not k.endswith("num_batches_tracked")}
+    assert len(slim) < len(state)
+    torch.save(slim, tmp_path / "converted.pth")
+    net = load_inception(tmp_path / "converted.pth")
+    torch.testing.assert_close(net.fc.weight, state["fc.weight"])
+    with pytest.raises(ValueError, match="not the FID Inception-v3"):
+        torch.save({k: v for k, v in slim.items() if not k.startswith("Mixed_7c")}, tmp_path / "cut.pth")
+        load_inception(tmp_path / "cut.pth")
+
+
 def test_fid_and_inception_score_match_torch_fidelity(inception_file):
     metric_fid = reference.torch_fidelity("metric_fid")
     metric_isc = reference.torch_fidelity("metric_isc")

@@ -10,9 +10,10 @@ from vqmodels.metrics.stats import (
     inception_score,
     load_reference,
     psnr,
+    reference_meta,
     ssim,
     to_uint8,
 )
 
 __all__ = ["GaussianStats", "bits_per_image", "entropy_bits", "frechet_distance", "inception_score",
-           "load_reference", "psnr", "ssim", "to_uint8"]
+           "load_reference", "psnr", "reference_meta", "ssim", "to_uint8"]

@@ -193,11 +193,13 @@ def load_inception(path: str | Path, map_location: str | torch.device = "cpu") -
 
     net = FIDInception()
     state = load_state(path, "fid_weights")
-    missing = sorted(set(net.state_dict()) - set(state))
+    # the converted file holds weights, biases and BN statistics but no `num_batches_tracked` counters
+    wanted = [k for k in net.state_dict() if not k.endswith("num_batches_tracked")]
+    missing = sorted(set(wanted) - set(state))
     if missing:
         raise ValueError(
             f"fid_weights: {str(path)!r} is not the FID Inception-v3 (missing {missing[:3]}...; expected the keys of "
             "weights-inception-2015-12-05-6726825d.pth, e.g. 'Conv2d_1a_3x3.conv.weight')"
         )
-    net.load_state_dict({k: state[k] for k in net.state_dict()})
+    net.load_state_dict({k: state[k] for k in wanted}, strict=False)
     return net.to(map_location)

@@ -69,6 +69,12 @@ def load_reference(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     return mu, sigma
 
 
+def reference_meta(path: str | Path) -> dict[str, str]:
+    """The text fields a reference file carries besides mu/sigma (ours: n, source, image_size, weights_sha256)."""
+    with np.load(path, allow_pickle=False) as data:
+        return {k: str(data[k]) for k in data.files if k not in ("mu", "sigma") and data[k].ndim == 0}
+
+
 def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
     """‖μ1−μ2‖² + tr Σ1 + tr Σ2 − 2 tr √(Σ1Σ2), with tr √(Σ1Σ2) = Σ √λ over the eigenvalues of Σ1Σ2."""
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
