@@ -500,8 +500,12 @@ def absolute_paths(spec: JobSpec, base: str | Path) -> JobSpec:
         if isinstance(v, list):
             return [fix(x) for x in v]
         if isinstance(v, str) and not _SCHEME.match(v) and not v.startswith(("/", "~")):
-            full = str(base_dir / v)  # `../x` collapsed where no pattern follows (patterns are left as written)
-            return os.path.normpath(full) if _pattern_start(full) == len(full) else full
+            full = str(base_dir / v)  # `../x` collapsed up to the folder that holds the first pattern
+            cut = _pattern_start(full)
+            if cut == len(full):
+                return os.path.normpath(full)
+            head, sep, rest = full[:cut].rpartition("/")
+            return os.path.normpath(head) + sep + rest + full[cut:] if sep else full
         return v
 
     data["data"]["train"] = fix(data["data"]["train"])
