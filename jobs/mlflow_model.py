@@ -42,7 +42,9 @@ class VQTrainModel(PythonModel):
                 return self.model.encode(x.float()).cpu().numpy()
             # MaskGIT: class labels (N,) -> sampled token grids (N, h, w); an unconditional model
             # takes any N values and ignores them
-            labels = torch.as_tensor(np.asarray(model_input)).long().reshape(-1)
+            if isinstance(model_input, dict):  # a named-tensor signature hands over {"labels": array}
+                model_input = next(iter(model_input.values()))
+            labels = torch.as_tensor(np.asarray(model_input).astype(np.int64)).reshape(-1)
             params = params or {}
             cond = labels if self.model.config.num_classes else None
             codes = self.model.generate(

@@ -66,7 +66,10 @@ def ray_session(node_credentials: dict[str, str]) -> Iterator[None]:
     get the S3 credentials from the environment, like the nodes of a real cluster."""
     import ray
 
-    ray.init(num_cpus=3, include_dashboard=False, log_to_driver=False,
+    # 4 logical CPUs for 2 training workers: Ray 2.60's autoscaling coordinator was seen (once, in a clean-clone CI
+    # run) to keep counting a finished job's 2 CPUs as allocated after a job from another driver (the tokenize
+    # subprocess), so the next 2-worker job waited for ever on 3 CPUs
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": node_credentials})  # fmt: skip
     try:
         yield
