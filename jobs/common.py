@@ -363,9 +363,11 @@ def checkpoint_storage(storage: str | None, storage_options: dict[str, Any]) -> 
     """(storage_path, pyarrow filesystem or None) for RunConfig; `s3://` goes through s3fs so that the
     spec's endpoint and keys apply."""
     if storage is None:
-        from service.embedded import vqtrain_home  # stdlib-only; the same home as the embedded servers
-
-        return str(vqtrain_home() / "checkpoints"), None
+        # `$VQTRAIN_HOME` or ~/.vqtrain, as the service's `embedded.vqtrain_home` resolves it (jobs never import
+        # service code); created 0700 like there
+        home = Path(os.environ.get("VQTRAIN_HOME") or "~/.vqtrain").expanduser().resolve()
+        home.mkdir(parents=True, exist_ok=True, mode=0o700)
+        return str(home / "checkpoints"), None
     if "://" not in storage or storage.startswith("file://"):
         return str(Path(storage.removeprefix("file://")).resolve()), None
     import fsspec
