@@ -500,7 +500,7 @@ def open_job(config: dict[str, Any]) -> JobEnv:
     if worker.is_main and config.get("run_id"):
         from jobs.tracking import RunLogger
 
-        run = RunLogger(config["tracking_uri"], config["run_id"])
+        run = RunLogger(config["tracking_uri"], config["run_id"], system_metrics=spec.tracking.system_metrics)
     progress = Progress(config.get("sink"), spec.optim.steps, worker)
     c = spec.checkpoint
     clock = CheckpointClock(c.every, c.every_minutes, spec.optim.steps, worker.device)

@@ -77,7 +77,7 @@ def evaluate_registered(spec: Any, worker: Worker, run: Any | None, tracking_uri
         run.log_metrics(metrics, 0)
         run.log_text(json.dumps({"model": uri, "metrics": flat, "protocol": judges.protocol,
                                  "not_computed": judges.skipped}, indent=2), "eval/final.json")
-        run.flush()
+        run.close()
         _update_card(run, uri, spec, metrics, judges)
     return flat
 
@@ -174,9 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     uri = tracking.resolve_tracking_uri()
     client = MlflowClient(uri, registry_uri=uri)
     job_id = f"{spec.name}-{uuid.uuid4().hex[:8]}"
-    run_id, exp_id, _ = tracking.start_or_resume_run(client, spec.tracking.experiment, job_id, spec.name,
-                                                     tags={tracking.KIND_TAG: "eval"})
-    tracking.log_spec(client, run_id, spec)
+    run_id, exp_id, _ = tracking.open_job_run(client, spec, job_id)
     spec = spec.model_copy(update={"evaluate": pin_evaluated(client, run_id, spec.evaluate)})
     run = tracking.RunLogger(uri, run_id)
     try:

@@ -33,6 +33,8 @@ class VQTrainModel(PythonModel):
 
         import vqmodels
 
+        if isinstance(model_input, dict):  # a named-tensor signature hands over {"images": array} / {"labels": ...}
+            model_input = next(iter(model_input.values()))
         with torch.no_grad():
             if self.key == "tokenizer":
                 # images: uint8 (N, H, W, 3) or float (N, 3, H, W) in [-1, 1]
@@ -42,8 +44,6 @@ class VQTrainModel(PythonModel):
                 return self.model.encode(x.float()).cpu().numpy()
             # MaskGIT: class labels (N,) -> sampled token grids (N, h, w); an unconditional model
             # takes any N values and ignores them
-            if isinstance(model_input, dict):  # a named-tensor signature hands over {"labels": array}
-                model_input = next(iter(model_input.values()))
             labels = torch.as_tensor(np.asarray(model_input).astype(np.int64)).reshape(-1)
             params = params or {}
             cond = labels if self.model.config.num_classes else None

@@ -58,6 +58,19 @@ def signature(kind: str, image_size: int, grid: tuple[int, int]) -> Any:
     return ModelSignature(Schema([TensorSpec(np.dtype(np.int64), (-1,), "labels")]), out, params=params)
 
 
+def input_example(kind: str, image_size: int, num_classes: int = 0) -> Any:
+    """What the registry shows (and MLflow checks the model against when it logs it): one synthetic image for a
+    tokenizer (a colour ramp, so no training image is copied into the model), two class labels for a MaskGIT."""
+    import numpy as np
+
+    if kind == "tokenizer":
+        ramp = np.linspace(0, 255, image_size, dtype=np.float32)
+        img = np.stack([ramp[None, :].repeat(image_size, 0), ramp[:, None].repeat(image_size, 1),
+                        np.full((image_size, image_size), 128, np.float32)], axis=-1)
+        return img.round().astype(np.uint8)[None]
+    return np.arange(2, dtype=np.int64) % max(num_classes, 1)
+
+
 def eval_tags(dataset: str, metrics: dict[str, float], protocol: dict[str, str], skipped: dict[str, str]) -> dict[str, str]:
     """eval.<dataset>.<metric> tags (values as text, 'null' for what could not be computed) + the protocol."""
     out = {f"{EVAL}{dataset}.{k.split('/', 1)[-1]}": _fmt(v) for k, v in metrics.items()}
@@ -128,3 +141,31 @@ def update_card(client: Any, name: str, version: str, tags: dict[str, str]) -> s
     text = describe(name, version, current)
     client.update_model_version(name, version, description=text)
     return text
+
+
+GENERATED = "<!-- vqtrain -->"  # marks a registered-model description vqtrain wrote (a user's own is kept)
+
+
+def describe_registered_model(client: Any, name: str, card: dict[str, str]) -> None:
+    """The registered model's own page: what the name holds and how to use it, plus `vqtrain.kind` tags, written
+    while the description is empty or still vqtrain's (each version carries its full card)."""
+    model = client.get_registered_model(name)
+    if model.description and GENERATED not in model.description:
+        return
+    c = {k[len(CARD):]: v for k, v in card.items() if k.startswith(CARD)}
+    kind = c.get("kind", "tokenizer")
+    what = (f"VQ image tokenizers: {c.get('image_size', '?')} px images to {c.get('grid', '?')} grids of "
+            f"{c.get('codebook_size', '?')} codes" if kind == "tokenizer" else
+            f"MaskGIT generators of {c.get('grid', '?')} code grids ({c.get('classes', '0')} classes), decoded by "
+            f"tokenizer `{c.get('tokenizer', '?')}`")
+    load = (f'tok = vqmodels.load_tokenizer("models:/{name}@latest")' if kind == "tokenizer"
+            else f'net, tok = vqmodels.load_generator("models:/{name}@latest")')
+    text = "\n".join([
+        GENERATED, f"# {name}", "", f"{what}, trained by vqtrain (job spec `{c.get('job', '?')}`).", "",
+        "Each version's page has its model card: training data and steps, the final evaluation with its protocol, "
+        "the training run, and its signature and input example.", "", "```python", "import vqmodels", load,
+        "```", "", f"`models:/{name}@latest` is always the newest version; aliases (e.g. `@champion`) are set by "
+        "the job spec's `register.alias`.",
+    ])
+    client.update_registered_model(name, description=text)
+    client.set_registered_model_tag(name, "vqtrain.kind", kind)

@@ -211,6 +211,8 @@ class Throughput:
 
 # ---------------------------------------------------------------------------------------- step logging
 
+STEADY_EVERY = 10  # steps between points of the `*_steady` throughput lines
+
 
 def log_train_step(
     env: Any, step: int, metrics: dict[str, Any], opt: torch.optim.Optimizer, grad_norm: float | torch.Tensor,
@@ -226,12 +228,20 @@ def log_train_step(
         metrics["train/images_per_s"] = rate.rate()
         if codebook_sync:
             metrics["train/codebook_sync_share"] = rate.sync_share()
+    if step % STEADY_EVERY == 0:  # the running steady-state figures: a line that settles, not one end point
+        metrics.update(rate.summary())
     env.run.log_metrics(metrics, step)
     env.progress.update(step, metrics, rate.rate())
 
 
 def log_eval(env: Any, step: int, metrics: dict[str, float], last: bool) -> None:
-    """Rank 0: log held-out metrics; the last evaluation is also kept as `eval/final.json`."""
-    env.run.log_metrics(metrics, step)
+    """Rank 0: log held-out metrics; the last evaluation is also kept as `eval/final.json`. What is the same at
+    every pass (images evaluated, bits per image) becomes a run tag (`vqtrain.eval.images`), not a flat chart."""
+    from jobs.tracking import split_constants
+
+    charted, constants = split_constants(metrics)
+    env.run.log_metrics(charted, step)
+    for key, value in constants.items():
+        env.run.set_tag(f"vqtrain.{key.replace('/', '.')}", f"{value:g}")
     if last:
         env.run.log_text(json.dumps({"step": step, **metrics}, indent=2), "eval/final.json")

@@ -27,6 +27,7 @@ from jobs.spec import (
     load_spec,
     parse_spec,
     parse_text,
+    upgrade_stored,
 )
 
 LOOPS = {
@@ -105,7 +106,7 @@ def run_job(
     from mlflow import MlflowClient
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from jobs import tracking
+    from jobs import provenance, tracking
     from jobs.common import checkpoint_storage, loop_config
     from jobs.data.storage import parse_roots
     from jobs.progress import ProgressPrinter, ProgressSink
@@ -123,14 +124,12 @@ def run_job(
         errors = cluster_storage_errors(spec, exp.artifact_location if exp is not None else None, shared)
         if errors:
             raise SpecError(errors)
-    run_id, exp_id, created = tracking.start_or_resume_run(
-        client, spec.tracking.experiment, job_id, run_name=spec.name, tags={tracking.KIND_TAG: spec.kind}
-    )
-    if created:
-        tracking.log_spec(client, run_id, spec)  # params and spec/spec.yaml, storage secrets redacted
+    run_id, exp_id, _ = tracking.open_job_run(client, spec, job_id)
     # `tokenizer: models:/name@alias` is resolved once, here, and recorded on the run: every worker, restart
     # and resume of this job then loads the same version even if the alias moves meanwhile
     spec = spec.model_copy(update={"tokenizer": tracking.pin_tokenizer(client, run_id, spec.tokenizer)})
+    if spec.tokenizer and spec.tokenizer.startswith("models:"):  # the description names the pinned version
+        client.set_tag(run_id, "mlflow.note.content", provenance.run_description(spec, job_id))
     if spec.kind == "eval":  # the version judged is fixed at the start, like a stage-two job's tokenizer
         spec = spec.model_copy(update={"evaluate": pin_evaluated(client, run_id, spec.evaluate)})
     result = {
@@ -186,7 +185,8 @@ def run_job(
         result["model"] = spec.evaluate
         result["metrics"] = eval_result(client.get_run(run_id).data.metrics, tags.get(tracking.EVALUATED_KIND_TAG))
     elif spec.kind in ("tokenizer", "maskgit"):  # the final evaluation, for the user's terminal
-        result["metrics"] = eval_result(client.get_run(run_id).data.metrics, spec.kind)
+        run = client.get_run(run_id)
+        result["metrics"] = eval_result(run.data.metrics, spec.kind, run.data.tags)
     if metrics.get("train/images_per_s_steady") is not None:
         result["images_per_s"] = metrics["train/images_per_s_steady"]
     if fit.checkpoint is not None:
@@ -210,11 +210,19 @@ def pin_evaluated(client: Any, run_id: str, uri: str) -> str:
     return pinned
 
 
-def eval_result(run_metrics: dict[str, float], kind: str | None) -> dict[str, float | None]:
+def eval_result(run_metrics: dict[str, float], kind: str | None,
+                tags: dict[str, str] | None = None) -> dict[str, float | None]:
     """An eval job's numbers as `vqtrain eval --json` prints them: `eval/` prefix dropped, the kind's
-    headline metrics always present (null when not computed)."""
+    headline metrics always present (null when not computed). A training run keeps its constants (images
+    evaluated, bits per image) as `vqtrain.eval.*` tags: they are added back."""
     required = {"tokenizer": ("psnr", "ssim", "lpips", "rfid"), "maskgit": ("fid", "inception_score", "nll", "class_acc")}
     out: dict[str, float | None] = {k.split("/", 1)[1]: v for k, v in run_metrics.items() if k.startswith("eval/")}
+    from jobs.tracking import CONSTANT_SUFFIXES
+
+    for key, value in (tags or {}).items():
+        name = key.removeprefix("vqtrain.eval.")
+        if key.startswith("vqtrain.eval.") and f"/{name}" in CONSTANT_SUFFIXES:
+            out[name] = float(value)
     for key in required.get(kind or "", ()):
         out.setdefault(key, None)
     return out
@@ -252,7 +260,8 @@ def _read_spec(args: argparse.Namespace) -> JobSpec:
         text = os.environ.get(args.spec_env)
         if not text:
             raise SpecError([{"loc": "", "msg": f"--spec-env: ${args.spec_env} is not set"}])
-        return parse_spec(parse_text(text, f"${args.spec_env}"))
+        # how the service hands over a stored spec, which may predate today's rules
+        return parse_spec(upgrade_stored(parse_text(text, f"${args.spec_env}")))
     if args.spec_json is not None:
         return parse_spec(parse_text(args.spec_json, "--spec-json"))
     if args.spec is None:

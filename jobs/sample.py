@@ -11,6 +11,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -35,10 +36,22 @@ def sample_images(uri: str, labels: list[int] | None = None, per_class: int | No
     labels: one image per entry; per_class: that many of every class; an unconditional model takes `n`.
     Reproducible: the same arguments give the same images."""
     from vqmodels import load_generator
-    from vqmodels.metrics import to_uint8
 
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     net, tok = load_generator(uri, dev, tracking_uri)
+    return sample_with(net, tok, labels, per_class, n=n, steps=steps, guidance=guidance, temperature=temperature,
+                       choice_temperature=choice_temperature, seed=seed)
+
+
+@torch.no_grad()
+def sample_with(net: Any, tok: Any, labels: list[int] | None = None, per_class: int | None = None, *,
+                n: int | None = None, steps: int = DEFAULT_STEPS, guidance: float = DEFAULT_GUIDANCE,
+                temperature: float = DEFAULT_TEMPERATURE, choice_temperature: float = DEFAULT_CHOICE_TEMPERATURE,
+                seed: int = 0) -> tuple[np.ndarray, list[int | None]]:
+    """`sample_images` with a MaskGIT and tokenizer already loaded."""
+    from vqmodels.metrics import to_uint8
+
+    dev = next(net.parameters()).device
     classes = net.config.num_classes
     if classes:
         if labels is None:
@@ -87,29 +100,13 @@ def write_samples(images: np.ndarray, labels: list[int | None], out: str | Path,
 
 
 def labelled_grid(images: np.ndarray, labels: list[int | None], class_names: list[str] | None = None,
-                  per_row: int = 10, scale: int | None = None) -> object:
-    """One row per label (at most `per_row` images each), the label written left of its row; small images
-    are enlarged (nearest) so a 32 px sample stays readable."""
-    from PIL import Image, ImageDraw
+                  per_row: int = 10) -> object:
+    """A PIL image with one labelled row per class (`jobs.figures.labelled_rows`: the same grid training logs)."""
+    from PIL import Image
 
-    h, w = images.shape[1:3]
-    scale = scale or max(1, 96 // max(h, w))
-    rows: dict[str, list[np.ndarray]] = {}
-    for img, label in zip(images, labels, strict=True):
-        key = "uncond" if label is None else (class_names[label] if class_names and label < len(class_names) else str(label))
-        if len(rows.setdefault(key, [])) < per_row:
-            rows[key].append(img)
-    label_w, pad = 90, 2
-    cols = max(len(r) for r in rows.values())
-    cell_h, cell_w = h * scale + pad, w * scale + pad
-    canvas = Image.new("RGB", (label_w + cols * cell_w, len(rows) * cell_h), "white")
-    draw = ImageDraw.Draw(canvas)
-    for r, (key, imgs) in enumerate(rows.items()):
-        draw.text((4, r * cell_h + cell_h // 2 - 6), key[:14], fill="black")
-        for c, img in enumerate(imgs):
-            tile = Image.fromarray(img).resize((w * scale, h * scale), Image.Resampling.NEAREST)
-            canvas.paste(tile, (label_w + c * cell_w, r * cell_h))
-    return canvas
+    from jobs import figures
+
+    return Image.fromarray(figures.labelled_rows(figures.class_rows(images, labels, class_names, per_row)))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -129,13 +126,17 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError:
         print(f"--labels: {a.labels!r} is not a comma-separated list of class indices", file=sys.stderr)
         return 2
+    from vqmodels import load_generator
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        images, got = sample_images(a.uri, labels, a.per_class, n=a.num, steps=a.steps, guidance=a.guidance,
-                                    temperature=a.temperature, seed=a.seed)
+        net, tok = load_generator(a.uri, device)
+        images, got = sample_with(net, tok, labels, a.per_class, n=a.num, steps=a.steps, guidance=a.guidance,
+                                  temperature=a.temperature, seed=a.seed)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    files = write_samples(images, got, a.out)
+    files = write_samples(images, got, a.out, getattr(net, "extra", {}).get("class_names"))
     print("VQTRAIN_RESULT " + json.dumps({"images": len(images), "out": str(Path(a.out).resolve()),
                                          "grid": str(files[-1]), "size": list(images.shape[1:3])}), flush=True)
     return 0

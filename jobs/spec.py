@@ -397,19 +397,38 @@ def load_spec(path_or_text: str | Path) -> JobSpec:
 
 
 def flatten_spec(spec: JobSpec) -> dict[str, str]:
-    """Dot-keyed string values (MLflow params); secrets in `data.storage_options` are redacted."""
+    """Dot-keyed string values of the whole resolved spec; secrets in `data.storage_options` are redacted."""
+    return _flatten(redacted(spec))
+
+
+CORE_PARAMS = ("kind", "optim.steps", "optim.batch_size", "optim.lr", "resources.workers", "model.codebook_size",
+               "quantizer.preset", "model.dim", "model.depth")
+
+
+def upgrade_stored(data: Any) -> Any:
+    """A spec the service stored before `register.alias: latest` was refused: it held 'latest', the old default,
+    which set no alias (MLflow reserves the name), so it becomes null, which means the same."""
+    register = data.get("register") if isinstance(data, dict) else None
+    if isinstance(register, dict) and str(register.get("alias", "")).lower() == "latest":
+        return {**data, "register": {**register, "alias": None}}
+    return data
+
+
+def run_params(spec: JobSpec) -> dict[str, str]:
+    """The run's MLflow params: the few hyperparameters runs are compared by (nulls left out). Few on purpose:
+    MLflow prints a run's params above each of its pictures, where a long list hides the picture. The whole
+    resolved spec is the artifact `spec/spec.yaml` (and `flatten_spec` gives it as dot-keys)."""
+    full = flatten_spec(spec)
+    return {k: full[k] for k in CORE_PARAMS if full.get(k) not in (None, "null")}
+
+
+def _flatten(data: Any, prefix: str = "") -> dict[str, str]:
     out: dict[str, str] = {}
-
-    def walk(prefix: str, value: Any) -> None:
-        if isinstance(value, dict) and value:
-            for k, v in value.items():
-                walk(f"{prefix}.{k}" if prefix else str(k), v)
-        elif isinstance(value, str):
-            out[prefix] = value
-        else:
-            out[prefix] = json.dumps(value)
-
-    walk("", redacted(spec))
+    if isinstance(data, dict) and data:
+        for k, v in data.items():
+            out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+    elif prefix:
+        out[prefix] = data if isinstance(data, str) else json.dumps(data)
     return out
 
 

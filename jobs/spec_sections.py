@@ -308,6 +308,10 @@ class TrackingSpec(_Strict):
     experiment: str = Field("vqtrain", min_length=1, max_length=200)
     eval_every: int = Field(200, ge=0, le=10**9, description="steps; 0 = off")
     image_every: int = Field(200, ge=0, le=10**9, description="steps; 0 = off")
+    system_metrics: bool = Field(
+        True, description="CPU, memory, disk, network (and GPU, with the gpu extra) of rank 0's node as system/* "
+        "metrics every 10 s"
+    )
 
     _names = field_validator("experiment")(no_control_characters)
 
@@ -315,23 +319,30 @@ class TrackingSpec(_Strict):
 class RegisterSpec(_Strict):
     model_name: str | None = Field(None, pattern=NAME_PATTERN, max_length=100, description="null = the job's name")
     alias: str | None = Field(
-        "latest",
+        None,
         pattern=ALIAS_PATTERN,
         max_length=MAX_ALIAS_LENGTH,
         description=(
-            "alias set on the registered version, e.g. 'candidate'; 'latest' (the default) means the newest "
-            "version: MLflow reserves it and resolves models:/<name>@latest itself, so no alias is set; "
-            "v<digits> is reserved by MLflow for versions; null = set no alias"
+            "alias moved to the registered version, e.g. 'champion' or 'candidate'; null (the default) sets none: "
+            "the job's model URI is then models:/<name>/<version>, and models:/<name>@latest (MLflow's own "
+            "reference to the newest version) still finds it. 'latest' and v<digits> are reserved by MLflow "
+            "and refused"
         ),
     )
 
     @field_validator("alias")
     @classmethod
     def _alias_not_reserved(cls, v: str | None) -> str | None:
-        # MLflow's alias check (`_validate_model_alias_name_reserved`) refuses these only at
-        # registration, i.e. after the whole training run: refuse them before anything runs.
+        # MLflow refuses v<digits> only at registration, i.e. after the whole training run, and silently never
+        # sets 'latest' (it always resolves to the newest version): refuse both before anything runs.
         if v is not None and _VERSION_ALIAS.match(v):
             raise ValueError(f"{v!r} is reserved by MLflow (v<digits> names a version); choose another alias")
+        if v is not None and v.lower() == "latest":
+            raise ValueError(
+                f"{v!r} is reserved by MLflow: models:/<name>@latest always means the newest version, so it cannot be "
+                "set as an alias; leave register.alias null (models:/<name>@latest finds the newest version) or "
+                "name a real alias such as 'champion'"
+            )
         return v
 
 

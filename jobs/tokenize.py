@@ -44,7 +44,7 @@ def tokenize_loop(config: dict[str, Any]) -> None:
     if worker.is_main:
         env.run.log_metrics(totals, step=0)
         env.run.set_tag(OUTPUT_TAG, out)
-        env.run.flush()
+        env.run.close()
     ray.train.report({"output": out, **{f"output_{k}": v for k, v in outputs.items()}, **totals})
 
 

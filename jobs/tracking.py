@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib
 import os
 import re
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -21,7 +22,8 @@ import yaml
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param
 
-from jobs.spec import JobSpec, flatten_spec, pinned_model_uri, redacted
+from jobs import provenance
+from jobs.spec import JobSpec, pinned_model_uri, redacted, run_params
 
 JOB_TAG = "vqtrain.job_id"
 KIND_TAG = "vqtrain.kind"
@@ -36,6 +38,15 @@ OUTPUT_TAG = "vqtrain.output"
 SPEC_ARTIFACT = "spec/spec.yaml"
 PYFUNC_CODE = Path(__file__).with_name("mlflow_model.py")
 MAX_PARAM_VALUE = 6000
+
+
+CONSTANT_SUFFIXES = ("/images", "/bits_per_image")  # the same at every eval pass: run tags, not flat charts
+
+
+def split_constants(metrics: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(metrics worth a chart, constants such as the number of images evaluated)."""
+    const = {k: v for k, v in metrics.items() if k.endswith(CONSTANT_SUFFIXES)}
+    return {k: v for k, v in metrics.items() if k not in const}, const
 
 
 def resolve_tracking_uri() -> str:
@@ -56,6 +67,10 @@ def start_or_resume_run(
     """(run_id, experiment_id, created): the run tagged with this job id, or a new one."""
     exp = client.get_experiment_by_name(experiment)
     exp_id = exp.experiment_id if exp is not None else _create_experiment(client, experiment)
+    try:
+        provenance.prepare_experiment(client, exp_id)
+    except Exception as e:  # noqa: BLE001 - e.g. a read-only experiment: the runs still work
+        print(f"vqtrain note: experiment {experiment!r} not marked for model training ({e})", file=sys.stderr)
     found = client.search_runs([exp_id], filter_string=f"tags.`{JOB_TAG}` = '{job_id}'", max_results=1)
     if found:
         run = found[0]
@@ -67,6 +82,23 @@ def start_or_resume_run(
 
 
 _MODELS_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>[^/]+))?$")
+
+
+def open_job_run(client: MlflowClient, spec: JobSpec, job_id: str) -> tuple[str, str, bool]:
+    """The job's run, created with its provenance (who, which job, a description, the shard sets as dataset
+    inputs) and its spec, or found again after a restart. Returns (run_id, experiment_id, created)."""
+    from jobs.data.storage import allowed_roots_from_env
+
+    tags = {KIND_TAG: spec.kind, **provenance.run_tags(job_id, spec.kind),
+            "mlflow.note.content": provenance.run_description(spec, job_id)}
+    run_id, exp_id, created = start_or_resume_run(client, spec.tracking.experiment, job_id, spec.name, tags=tags)
+    if created:
+        log_spec(client, run_id, spec)  # params and spec/spec.yaml, storage secrets redacted
+        try:  # what the UI shows about the data: never a reason to fail the job
+            provenance.log_datasets(client, run_id, provenance.spec_datasets(spec, allowed_roots_from_env()))
+        except Exception as e:  # noqa: BLE001
+            print(f"vqtrain note: the run's datasets were not logged ({type(e).__name__}: {e})", file=sys.stderr)
+    return run_id, exp_id, created
 
 
 def pin_model_uri(client: MlflowClient, uri: str) -> str:
@@ -100,15 +132,15 @@ def pin_tokenizer(client: MlflowClient, run_id: str, tokenizer: str | None) -> s
 
 def _create_experiment(client: MlflowClient, name: str) -> str:
     try:
-        return client.create_experiment(name)
+        return client.create_experiment(name, tags={provenance.EXPERIMENT_KIND_TAG: provenance.TRAINING_KIND})
     except mlflow.exceptions.MlflowException:  # created concurrently by another job
         return client.get_experiment_by_name(name).experiment_id
 
 
 def log_spec(client: MlflowClient, run_id: str, spec: JobSpec) -> None:
-    """The spec on a new run: flattened as params and whole as `spec/spec.yaml`, both redacted (storage
-    secrets as '***'): anyone who can read the run can read its params and artifacts."""
-    log_params(client, run_id, flatten_spec(spec))
+    """The spec on a new run: its chosen and core fields as params (`run_params`) and whole as `spec/spec.yaml`,
+    both redacted (storage secrets as '***'): anyone who can read the run can read its params and artifacts."""
+    log_params(client, run_id, run_params(spec))
     client.log_text(run_id, spec_yaml(spec), SPEC_ARTIFACT)
 
 
@@ -125,9 +157,10 @@ def log_params(client: MlflowClient, run_id: str, params: dict[str, str]) -> Non
 
 
 def run_url(tracking_uri: str, experiment_id: str, run_id: str) -> str:
-    """The run's page in the MLflow UI (for an http(s) tracking server; else the run URI)."""
+    """The run's page in the MLflow UI, in the model-training view (for an http(s) tracking server; else the
+    run URI)."""
     if tracking_uri.startswith(("http://", "https://")):
-        return f"{tracking_uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
+        return provenance.with_training_view(f"{tracking_uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}")
     return f"runs:/{run_id}"
 
 
@@ -165,7 +198,7 @@ class RunLogger:
     steps the new group logs again.
     """
 
-    def __init__(self, tracking_uri: str, run_id: str, flush_every: float = 5.0):
+    def __init__(self, tracking_uri: str, run_id: str, flush_every: float = 5.0, system_metrics: bool = False):
         self.tracking_uri, self.run_id, self.flush_every = tracking_uri, run_id, flush_every
         self.client = MlflowClient(tracking_uri, registry_uri=tracking_uri)  # the registry is the same server
         os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
@@ -177,6 +210,21 @@ class RunLogger:
         self.claim = uuid.uuid4().hex
         self.superseded = False
         self.client.set_tag(run_id, LOGGER_TAG, self.claim)
+        self.monitor = start_system_metrics(tracking_uri, run_id) if system_metrics else None
+
+    def close(self) -> None:
+        """Send what is buffered and stop the system-metrics thread (its last sample included)."""
+        self.flush()
+        if self.monitor is not None:
+            monitor, self.monitor = self.monitor, None
+            monitor.finish()
+            try:  # the samples of the last, unfinished interval (all of them in a job shorter than one)
+                pending = monitor.aggregate_metrics()
+                if pending:
+                    monitor.publish_metrics(pending)
+                    monitor.mlflow_logger.flush()
+            except Exception as e:  # noqa: BLE001 - system metrics must never fail a job
+                print(f"vqtrain note: last system metrics not logged ({e})", flush=True)
 
     def log_metrics(self, metrics: dict[str, Any], step: int, replay: bool = True) -> None:
         """Buffer metrics at `step`; `replay=False` for a record that is new even at a replayed step
@@ -217,19 +265,29 @@ class RunLogger:
             self.client.set_tag(self.run_id, LOGGED_STEP_TAG, str(step))
 
     def log_image(self, image: Any, key: str, step: int) -> None:
-        """An image with a step (MLflow's image-per-step view)."""
+        """An image with a step (MLflow's image-per-step view). Best effort: a picture never fails a job."""
         if step <= self.replayed_through or self.superseded:
             return
-        self.client.log_image(self.run_id, image, key=key, step=int(step))
-
-    def log_figure(self, figure: Any, artifact_file: str) -> None:
-        """A matplotlib figure as a PNG artifact; the figure is closed (workers make many)."""
-        import matplotlib.pyplot as plt
-
         try:
-            self.client.log_figure(self.run_id, figure, artifact_file)
-        finally:
-            plt.close(figure)
+            self.client.log_image(self.run_id, image, key=key, step=int(step))
+        except Exception as e:  # noqa: BLE001
+            print(f"vqtrain note: picture {key} at step {step} not logged ({type(e).__name__}: {e})", flush=True)
+
+    def _log_model_metrics(self, model_id: str, metrics: dict[str, Any], step: int) -> None:
+        """The final evaluation attached to the logged model (MLflow 3 LoggedModel metrics; MLflow records them on
+        the run too, so the run's history has the last step's values twice). Best effort: never fails a job."""
+        charted = {k: v for k, v in split_constants(metrics)[0].items() if v is not None}
+        if not charted:
+            return
+        try:
+            now_ms = int(time.time() * 1000)
+            values = to_floats(list(charted.values()))
+            self.client.log_batch(self.run_id, metrics=[
+                Metric(_metric_key(k), v, now_ms, int(step), model_id=model_id)
+                for k, v in zip(charted, values, strict=True)
+            ])
+        except Exception as e:  # noqa: BLE001
+            print(f"vqtrain note: the model's metrics were not attached ({e})", flush=True)
 
     def log_text(self, text: str, artifact_file: str) -> None:
         self.client.log_text(self.run_id, text, artifact_file)
@@ -238,20 +296,22 @@ class RunLogger:
         self.client.set_tag(self.run_id, key, value)
 
     def log_model(
-        self, model_dir: str | Path, artifact_key: str, registered_name: str | None, alias: str | None,
-        card: dict[str, str] | None = None, signature: Any = None,
+        self, model_dir: str | Path, artifact_key: str, registered_name: str | None, alias: str | None, *,
+        step: int = 0, card: dict[str, str] | None = None, signature: Any = None, input_example: Any = None,
+        metrics: dict[str, float] | None = None,
     ) -> str:
-        """Log `model_dir` (config.json + weights) as a pyfunc model, register it and set the alias.
+        """Log `model_dir` (config.json + weights) as a pyfunc model at `step`, with its final `metrics` attached
+        (MLflow 3's LoggedModel), register it and set the alias.
 
         The python model is given as code (`jobs/mlflow_model.py`), so nothing is pickled; the weights and
         config sit under `<model>/artifacts/<artifact_key>/`, which is what `vqmodels.load_tokenizer` and
-        `vqtrain pull` look for. Returns the URI to hand to users: `models:/name@alias` when an alias is
-        set, `models:/name/version` otherwise, the logged model's own URI when nothing is registered.
+        `vqtrain pull` look for. Requirements are pinned to the versions that trained it. Returns the URI to hand
+        to users: `models:/name@alias` when an alias is set, `models:/name/version` otherwise, the logged
+        model's own URI when nothing is registered.
 
         Idempotent per run: a restarted worker that already registered this run's model reuses that
-        version instead of registering a second one. MLflow reserves the alias "latest"; it is never set
-        (`models:/name@latest` already resolves to the newest version). `card`: model-card tags for the
-        version (`jobs.model_card`), from which its description is written.
+        version instead of registering a second one. `card`: model-card tags for the version
+        (`jobs.model_card`), from which its description is written.
         """
         self.flush()
         tags = self.client.get_run(self.run_id).data.tags
@@ -259,30 +319,73 @@ class RunLogger:
         if version is None or registered_name is None:
             mlflow.set_tracking_uri(self.tracking_uri)
             mlflow.set_registry_uri(self.tracking_uri)  # registered_model_name goes through the registry URI
+            origin = {k: tags[k] for k in ("mlflow.user", "mlflow.source.name", "mlflow.source.type") if k in tags}
             with mlflow.start_run(run_id=self.run_id):
                 info = mlflow.pyfunc.log_model(
                     name=artifact_key,
                     python_model=str(PYFUNC_CODE),
                     artifacts={artifact_key: str(model_dir)},
                     registered_model_name=registered_name,
-                    pip_requirements=["torch", "numpy", "mlflow"],
+                    pip_requirements=pinned_requirements(),
                     signature=signature,
+                    input_example=input_example,
                     code_paths=[str(Path(importlib.import_module("vqmodels").__file__).parent)],
+                    step=int(step),
+                    tags=origin,  # else the model says "Logged from default_worker.py" (Ray's process)
                 )
+            if registered_name is not None:  # recorded first: a restarted group must not register it again
+                version = str(info.registered_model_version)
+                self.set_tag(MODEL_VERSION_TAG, version)
+            # leaving `start_run` marked the run FINISHED: it is not (the driver ends it), and the system-metrics
+            # thread stops logging once its run is no longer RUNNING
+            self.client.update_run(self.run_id, status="RUNNING")
+            self._log_model_metrics(info.model_id, metrics or {}, step)
             if registered_name is None:
                 self.set_tag(MODEL_URI_TAG, info.model_uri)
                 return info.model_uri
-            version = str(info.registered_model_version)
-            self.set_tag(MODEL_VERSION_TAG, version)
-        if alias and alias.lower() != "latest":
+        if alias:
             self.client.set_registered_model_alias(registered_name, alias, version)
         if card:
-            from jobs.model_card import update_card
+            from jobs.model_card import describe_registered_model, update_card
 
             update_card(self.client, registered_name, version, card)
+            try:
+                describe_registered_model(self.client, registered_name, card)
+            except Exception as e:  # noqa: BLE001 - the registered model's page text must not fail a job
+                print(f"vqtrain note: the registered model's description was not written ({e})", flush=True)
         uri = f"models:/{registered_name}@{alias}" if alias else f"models:/{registered_name}/{version}"
         self.set_tag(MODEL_URI_TAG, uri)
         return uri
+
+
+SYSTEM_METRICS_INTERVAL_S = 10.0
+
+
+def start_system_metrics(tracking_uri: str, run_id: str) -> Any | None:
+    """MLflow's system-metrics thread for this process's node (`system/cpu_utilization_percentage`, memory,
+    disk, network; GPU utilisation and memory with the `gpu` extra's nvidia-ml-py), continuing the run's step
+    count after a restart. None, with a line saying why, where it cannot start (psutil missing)."""
+    try:
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        monitor = SystemMetricsMonitor(run_id, sampling_interval=SYSTEM_METRICS_INTERVAL_S, resume_logging=True,
+                                       tracking_uri=tracking_uri)
+        monitor.start()
+    except ImportError as e:
+        print(f"vqtrain note: no system metrics ({e}); install psutil (the train extra has it)", flush=True)
+        return None
+    except Exception as e:  # noqa: BLE001 - e.g. psutil without /proc/net/dev in a container: never fail a job
+        print(f"vqtrain note: no system metrics ({type(e).__name__}: {e})", flush=True)
+        return None
+    return monitor
+
+
+def pinned_requirements() -> list[str]:
+    """The packages the pyfunc needs, at the versions that trained the model (torch without its local build
+    suffix such as '+cpu', which pip cannot resolve from PyPI)."""
+    from importlib.metadata import version
+
+    return [f"torch=={version('torch').split('+')[0]}", f"numpy=={version('numpy')}", f"mlflow=={version('mlflow')}"]
 
 
 def _metric_key(key: str) -> str:

@@ -12,6 +12,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from jobs import figures, model_card
@@ -36,7 +37,9 @@ from jobs.evaluation import Judges, image_split, masked_nll, open_judges, sample
 from jobs.progress import Throughput, log_eval, log_train_step
 from jobs.spec import SpecError, pinned_model_uri
 
-SAMPLES = 8
+SAMPLES = 8  # images of an unconditional model in `images/samples`
+SAMPLES_PER_CLASS = 8  # a near-square grid of 10 classes
+SAMPLE_CHUNK = 20  # samples generated and decoded at once
 SAMPLE_STEPS = 8
 EVAL_SEED = 1234
 
@@ -79,7 +82,10 @@ def train_loop(config: dict[str, Any]) -> None:
 
     batches = TrainBatches(token_loader(spec, worker, train=True, tok=tok), step, skipped_before)
     final: dict[str, float] = {}  # the last evaluation's metrics, for the model card
+    names = class_names(spec) if worker.is_main else []
     to_tokens = _tokenise(tok, worker)
+    if step == 0 and worker.is_main and spec.tracking.image_every:  # a fresh start: the untrained model's samples
+        _log_samples(env, net, tok, 0, names)  # (MLflow's image cards open at step 0)
     rate = Throughput(worker.world_size)
     rate.pause()
     env.clock.saved()  # the wall-clock window opens with training, not with model building and resuming
@@ -107,7 +113,7 @@ def train_loop(config: dict[str, Any]) -> None:
                 log_eval(env, step, result, last)
             rate.pause()
         if worker.is_main and ((t.image_every and step % t.image_every == 0) or last):
-            _log_samples(env, net, tok, step)
+            _log_samples(env, net, tok, step, names)
             rate.pause()
         maybe_checkpoint(env, step, checkpoint_state, rate)
 
@@ -117,14 +123,18 @@ def train_loop(config: dict[str, Any]) -> None:
         env.run.flush()
         with tempfile.TemporaryDirectory(prefix="vqtrain-model-") as tmp:
             model_dir = Path(tmp) / "maskgit"
-            net.save(model_dir, extra={"tokenizer": spec.tokenizer})  # the pinned version that decodes its codes
+            # the pinned tokenizer version that decodes its codes; the class names label `vqtrain sample`'s grid
+            net.save(model_dir, extra={"tokenizer": spec.tokenizer, "class_names": names})
             card = model_card.card_tags(spec, "maskgit", net)
             if final:
                 card.update(model_card.eval_tags(model_card.dataset_name(spec.data.eval), final, judges.protocol,
                                                  judges.skipped))
             sig = model_card.signature("maskgit", spec.data.image_size, net.config.grid_size)
+            example = model_card.input_example("maskgit", spec.data.image_size, net.config.num_classes)
             result["model_uri"] = env.run.log_model(model_dir, "maskgit", spec.model_name, spec.register.alias,
-                                                    card=card, signature=sig)
+                                                    step=o.steps, card=card, metrics=final, signature=sig,
+                                                    input_example=example)
+        env.run.close()
     ray.train.report(result)
 
 
@@ -198,13 +208,33 @@ def evaluate(net: Any, spec: Any, worker: Worker, tok: Any, judges: Judges, last
     return metrics or None
 
 
+def class_names(spec: Any) -> list[str]:
+    """The training data's class names (its manifest's; token shards carry their source's), [] if unknown."""
+    from jobs.data.manifest import resolve_shards
+    from jobs.data.storage import allowed_roots_from_env
+
+    try:
+        manifest = resolve_shards(spec.data.train, spec.data.storage_options, allowed_roots_from_env()).manifest
+    except (OSError, ValueError):
+        return []
+    return list(manifest.class_names) if manifest is not None else []
+
+
 @torch.no_grad()
-def _log_samples(env: JobEnv, net: Any, tok: Any, step: int) -> None:
-    """MaskGIT samples (classes 0..7 for a conditional model) decoded to images by the tokenizer."""
-    n = SAMPLES
-    labels = torch.arange(n, device=net.pos_emb.device) % net.config.num_classes if net.config.num_classes else None
-    steps = min(SAMPLE_STEPS, net.config.num_tokens)
-    gen = torch.Generator(device=net.pos_emb.device).manual_seed(step)
-    codes = net.generate(n, steps=steps, labels=labels, generator=gen)
-    images = tok.decode(codes).clamp(-1, 1)
-    env.run.log_image(figures.image_grid([images]), key="samples", step=step)
+def _log_samples(env: JobEnv, net: Any, tok: Any, step: int, names: list[str]) -> None:
+    """`images/samples`: one labelled row per class (up to 10 classes, SAMPLES_PER_CLASS each; one row for an
+    unconditional model), decoded by the tokenizer, the same seed at every step so rows compare over time."""
+    classes = min(net.config.num_classes, 10)
+    device = net.pos_emb.device
+    labels = torch.arange(classes, device=device).repeat_interleave(SAMPLES_PER_CLASS) if classes else None
+    n = classes * SAMPLES_PER_CLASS if classes else SAMPLES
+    gen = torch.Generator(device=device).manual_seed(EVAL_SEED)
+    chunks = []
+    for i in range(0, n, SAMPLE_CHUNK):  # bounded memory for a large model at a large image size
+        lab = labels[i : i + SAMPLE_CHUNK] if labels is not None else None
+        codes = net.generate(min(SAMPLE_CHUNK, n - i), steps=min(SAMPLE_STEPS, net.config.num_tokens), labels=lab,
+                             generator=gen)
+        chunks.append(figures.to_uint8(tok.decode(codes).clamp(-1, 1)))
+    images = np.concatenate(chunks)
+    rows = figures.class_rows(images, labels.tolist() if labels is not None else [None] * n, names)
+    env.run.log_image(figures.labelled_rows(rows), key="images/samples", step=step)

@@ -99,6 +99,9 @@ def train_loop(config: dict[str, Any]) -> None:
         images = images.to(worker.device, non_blocking=True)
         if preview is None:
             preview = images[:PREVIEW_IMAGES].detach().clone()
+            if step == 0 and spec.tracking.image_every:  # a fresh start: the untrained model at step 0
+                _log_step_zero(env, tok, spec, worker, preview, judges)
+                rate.pause()
         with prec.autocast():
             # fp16 with the GAN on: the adaptive weight's own backward passes need the scaler's scale
             scale = prec.scaler.get_scale() if prec.scaler.is_enabled() and tok.adversarial_factor(step) > 0 else 1.0
@@ -152,6 +155,7 @@ def finish(env: JobEnv, tok: Any, rate: Throughput, final: dict[str, float], jud
         env.run.log_metrics(result, env.spec.optim.steps)
         env.run.flush()
         result["model_uri"] = register_tokenizer(env, tok, final, judges)
+        env.run.close()
     ray.train.report(result)
 
 
@@ -167,12 +171,14 @@ def register_tokenizer(env: JobEnv, tok: Any, final: dict[str, float], judges: J
     with tempfile.TemporaryDirectory(prefix="vqtrain-model-") as tmp:
         model_dir = Path(tmp) / "tokenizer"
         tok.save(model_dir, inference_only=True)
-        return env.run.log_model(model_dir, "tokenizer", spec.model_name, spec.register.alias, card=card,
-                                 signature=model_card.signature("tokenizer", spec.data.image_size, (side, side)))
+        return env.run.log_model(
+            model_dir, "tokenizer", spec.model_name, spec.register.alias, step=spec.optim.steps, card=card,
+            metrics=final, signature=model_card.signature("tokenizer", spec.data.image_size, (side, side)),
+            input_example=model_card.input_example("tokenizer", spec.data.image_size))
 
 
 def evaluate(tok: Any, spec: Any, worker: Any, preview: torch.Tensor | None, judges: Judges,
-             last: bool = True) -> TokenizerEval | None:
+             last: bool = True, networks: bool | None = None) -> TokenizerEval | None:
     """The eval split's metrics (`jobs.evaluation.tokenizer_metrics`; every rank reads its part). Without an
     eval split, rank 0's preview batch (8 training images) stands in and the metrics are named "preview/..."."""
     source = eval_batches(spec, worker)
@@ -181,21 +187,36 @@ def evaluate(tok: Any, spec: Any, worker: Any, preview: torch.Tensor | None, jud
         source = [(preview, None)] if (preview is not None and worker.is_main) else []
         prefix = "preview"
     return tokenizer_metrics(tok, source, judges, worker.device, prefix=prefix,
-                             networks=last or spec.evaluation.every_eval,
+                             networks=(last or spec.evaluation.every_eval) if networks is None else networks,
                              keep_vectors=PROJECTION_VECTORS if worker.is_main else 0)
 
 
+def _log_step_zero(env: JobEnv, tok: Any, spec: Any, worker: Any, preview: torch.Tensor, judges: Judges) -> None:
+    """Step 0's pictures and cheap metrics (no feature networks), before any training or k-means init: a baseline
+    for every chart, and MLflow's image cards open at step 0 (its default), so they show a picture from the
+    start. Every rank takes part (the eval pass reduces across ranks)."""
+    result = evaluate(tok, spec, worker, preview, judges, last=False, networks=False)
+    if worker.is_main:
+        if result is not None:
+            log_eval(env, 0, result.metrics, last=False)
+            _log_codebook_figures(env, tok, result, 0)
+        _log_reconstructions(env, tok, preview, 0)
+
+
 def _log_codebook_figures(env: JobEnv, tok: Any, result: TokenizerEval, step: int) -> None:
-    env.run.log_figure(figures.usage_histogram(result.counts, step), f"figures/usage/step_{step:07d}.png")
+    """`codebook/usage` and `codebook/projection`: one picture per key per eval, with MLflow's step slider."""
+    split = "eval split" if any(k.startswith("eval/") for k in result.metrics) else "preview batch"
+    env.run.log_image(figures.figure_image(figures.usage_histogram(result.counts, step, split)), key="codebook/usage",
+                      step=step)
     if result.vectors.shape[0]:
         codebook = tok.quantizer.effective_codebook().detach().float().cpu()
-        fig = figures.codebook_projection(result.vectors, codebook, result.counts > 0, step)
-        env.run.log_figure(fig, f"figures/projection/step_{step:07d}.png")
+        fig = figures.codebook_projection(result.vectors, codebook, result.counts > 0, step, split)
+        env.run.log_image(figures.figure_image(fig), key="codebook/projection", step=step)
 
 
 @torch.no_grad()
 def _log_reconstructions(env: JobEnv, tok: Any, preview: torch.Tensor | None, step: int) -> None:
-    """Inputs (top row) above their reconstructions (bottom row)."""
+    """`images/reconstructions`: 8 training images (row "original") above their reconstructions."""
     if preview is None:
         return
     was_training = tok.training
@@ -204,4 +225,4 @@ def _log_reconstructions(env: JobEnv, tok: Any, preview: torch.Tensor | None, st
         rec = tok.decode(tok.encode(preview))
     finally:
         tok.train(was_training)
-    env.run.log_image(figures.image_grid([preview, rec]), key="reconstructions", step=step)
+    env.run.log_image(figures.reconstruction_grid(preview, rec), key="images/reconstructions", step=step)

@@ -90,6 +90,8 @@ class JobManager:
 
     def job_env(self, job: store.Job) -> dict[str, str]:
         env = {"VQTRAIN_JOB_ID": job.id, "PYTHONUNBUFFERED": "1", **self.settings.job_env, **spec_env(job.spec)}
+        if job.owner:  # the run's "Created by" in MLflow: the submitting token's name (owner is name@fingerprint)
+            env["VQTRAIN_USER"] = job.owner.rsplit("@", 1)[0]
         if self.mlflow_uri:
             env["MLFLOW_TRACKING_URI"] = self.mlflow_uri
         if self.settings.allowed_roots:  # the job's loaders keep local data under the roots checked here

@@ -75,16 +75,17 @@ def artifact_root(tracking_uri: str, experiment: str) -> str | None:
 
 
 def run_url(tracking_uri: str, experiment_id: str, run_id: str) -> str:
-    if tracking_uri.startswith(("http://", "https://")):
-        return f"{tracking_uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
-    return f"runs:/{run_id}"
+    """The run's page in the model-training view of the MLflow UI (what the job itself reports)."""
+    from jobs.tracking import run_url as job_run_url  # imports mlflow (lazily here, as this module does)
+
+    return job_run_url(tracking_uri, experiment_id, run_id)
 
 
 def model_url(tracking_uri: str, name: str, version: str | None = None) -> str | None:
     if not tracking_uri.startswith(("http://", "https://")):
         return None
     base = f"{tracking_uri.rstrip('/')}/#/models/{name}"
-    return f"{base}/versions/{version}" if version else base
+    return f"{base}/versions/{version}?workflowType=machine_learning" if version else f"{base}?workflowType=machine_learning"
 
 
 def list_models(tracking_uri: str, name: str | None = None) -> list[dict[str, Any]]:

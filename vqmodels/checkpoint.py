@@ -190,7 +190,8 @@ def load_generator(
     """(MaskGIT, the tokenizer that decodes its codes) from a directory or MLflow URI. The tokenizer is the
     version the MaskGIT recorded when it was saved, unless `tokenizer` names one."""
     net, meta = load_model(uri, "maskgit", map_location, tracking_uri, with_meta=True)
-    tok_uri = tokenizer or (meta.get("extra") or {}).get("tokenizer")
+    net.extra = dict(meta.get("extra") or {})  # what its job recorded: the tokenizer, the class names
+    tok_uri = tokenizer or net.extra.get("tokenizer")
     if not tok_uri:
         raise ValueError(f"{uri}: this MaskGIT does not record its tokenizer; pass tokenizer=")
     return net, load_tokenizer(tok_uri, map_location, tracking_uri)

@@ -9,8 +9,11 @@ step-10 checkpoint on S3 (`test_killed_worker_resumes_in_the_same_run` checks th
 
 from __future__ import annotations
 
-import io
+import json
 import os
+import subprocess
+import sys
+import tempfile
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -20,6 +23,8 @@ from typing import Any
 import pytest
 
 from tests import servers
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="session")
@@ -66,9 +71,7 @@ def ray_session(node_credentials: dict[str, str]) -> Iterator[None]:
     get the S3 credentials from the environment, like the nodes of a real cluster."""
     import ray
 
-    # 4 logical CPUs for 2 training workers: Ray 2.60's autoscaling coordinator was seen (once, in a clean-clone CI
-    # run) to keep counting a finished job's 2 CPUs as allocated after a job from another driver (the tokenize
-    # subprocess), so the next 2-worker job waited for ever on 3 CPUs
+    # 4 logical CPUs for 2 training workers (the jobs' drivers are separate processes: see `run_spec`)
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": node_credentials})  # fmt: skip
     try:
@@ -150,14 +153,28 @@ class JobRun:
 
 
 def run_spec(spec: dict[str, Any], mlflow_url: str, job_id: str | None = None) -> JobRun:
-    """Validate and run one job in this process (on the session's Ray), capturing the progress lines."""
-    from jobs.run import run_job
+    """Validate, then run one job the way the service does: as its own driver process (`python -m jobs.run`,
+    a Ray Jobs entrypoint in production) attached to the session's Ray, capturing what it prints.
+
+    Not in this process: after another driver's job (the tokenize test's subprocess), Ray 2.60 was seen, in
+    two clean-clone CI runs, to leave this long-lived driver without the GCS's "actor alive" message for the
+    next Train controller it created, so `run.remote()` was never delivered and the job waited for ever."""
+    import ray
+
     from jobs.spec import parse_spec
 
     parsed = parse_spec(spec)
-    out = io.StringIO()
-    result = run_job(parsed, job_id=job_id, tracking_uri=mlflow_url, out=out)
-    return JobRun(parsed, result, out.getvalue())
+    env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_url, "RAY_ADDRESS": ray.get_runtime_context().gcs_address,
+           "VQTRAIN_HOME": tempfile.mkdtemp(prefix="vqtrain-home-")}  # Ray Train's run folder goes there
+    cmd = [sys.executable, "-m", "jobs.run", "--spec-json", json.dumps(spec)] + (["--job-id", job_id] if job_id else [])
+    p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=JOB_TIMEOUT_S)
+    assert p.returncode == 0, f"job failed (rc {p.returncode}):\n{p.stdout[-2000:]}\n{p.stderr[-4000:]}"
+    results = [json.loads(line.split(" ", 1)[1]) for line in p.stdout.splitlines() if line.startswith("VQTRAIN_RESULT ")]
+    assert len(results) == 1, p.stdout[-2000:]
+    return JobRun(parsed, results[0], p.stdout)
+
+
+JOB_TIMEOUT_S = 900  # a tiny job takes ~1-2 min on two shared cores; a hang fails the test instead of CI
 
 
 KILL_AT_STEP = 15

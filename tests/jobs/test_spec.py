@@ -56,7 +56,7 @@ def test_minimal_spec_gets_defaults():
     assert spec.optim.steps == 100 and spec.optim.batch_size == 64
     assert spec.quantizer.preset == "default"
     assert spec.quantizer.options() == QuantizerOptions(**PRESETS["default"])
-    assert spec.model_name == "cifar-tokenizer" and spec.register.alias == "latest"
+    assert spec.model_name == "cifar-tokenizer" and spec.register.alias is None
 
 
 def test_importable_without_torch():
@@ -106,25 +106,29 @@ def test_every_error_names_its_field(over, loc):
     assert loc in errors_of(base(**over))
 
 
-@pytest.mark.parametrize("alias", ["v1", "V12", "v007", "a" * 256])
+@pytest.mark.parametrize("alias", ["v1", "V12", "v007", "a" * 256, "latest", "Latest"])
 def test_aliases_mlflow_refuses_are_spec_errors(alias):
-    """MLflow refuses these only when registering, after the whole training run; the spec refuses them first."""
-    assert "register.alias" in errors_of(base(register={"alias": alias}))
+    """MLflow refuses these only when registering, after the whole training run (or, for 'latest', never sets
+    it: it always means the newest version); the spec refuses them first, naming the field and why."""
+    errors = errors_of(base(register={"alias": alias}))
+    assert "register.alias" in errors
+    if alias.lower() == "latest":
+        assert "reserved by MLflow" in errors["register.alias"] and "newest version" in errors["register.alias"]
 
 
 def test_aliases_mlflow_accepts_are_valid():
-    for alias in ("candidate", "v1-rc", "prod_2", "version3", "latest", "a" * 255):
+    for alias in ("candidate", "champion", "v1-rc", "prod_2", "version3", "latest2", "a" * 255):
         assert parse_spec(base(register={"alias": alias})).register.alias == alias
     assert parse_spec(base(register={"alias": None})).register.alias is None
     assert "newest version" in JobSpec.model_json_schema()["$defs"]["RegisterSpec"]["properties"]["alias"]["description"]
 
 
 def test_alias_rules_agree_with_mlflow():
-    """Every alias the spec accepts MLflow accepts too ('latest' aside: jobs.tracking never sets it)."""
+    """Every alias the spec accepts MLflow accepts too."""
     from mlflow.exceptions import MlflowException
     from mlflow.utils.validation import _validate_model_alias_name, _validate_model_alias_name_reserved
 
-    for alias in ("candidate", "v1", "V2", "v1a", "v-1", "x" * 255, "x" * 256, "prod_2", "Champion", "9lives"):
+    for alias in ("candidate", "v1", "V2", "v1a", "v-1", "x" * 255, "x" * 256, "prod_2", "Champion", "9lives", "latest", "LATEST"):
         try:
             _validate_model_alias_name(alias)
             _validate_model_alias_name_reserved(alias)
@@ -295,3 +299,14 @@ def test_cluster_storage_errors_name_every_field_on_this_machines_disk() -> None
                          "model": {"perceptual": {"weights": "/home/ray/weights/vgg16.pt"}}})  # fmt: skip
     assert cluster_storage_errors(shared, "mlflow-artifacts:/3") == []  # weights baked into the image are fine
     assert cluster_storage_errors(shared, "s3://b/mlflow/3") == []
+
+
+def test_a_stored_spec_with_the_old_default_alias_still_runs():
+    """Specs the service stored before 'latest' was refused hold it as their default: it meant no alias."""
+    from jobs.spec import upgrade_stored
+
+    stored = parse_spec(base()).model_dump(mode="json")
+    stored["register"]["alias"] = "latest"
+    assert "register.alias" in errors_of(stored)  # refused as a new spec...
+    assert parse_spec(upgrade_stored(stored)).register.alias is None  # ...and read back as what it meant
+    assert upgrade_stored({"kind": "tokenizer"}) == {"kind": "tokenizer"}

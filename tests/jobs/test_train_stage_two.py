@@ -138,12 +138,12 @@ def test_maskgit_job_trains_on_token_shards(maskgit_job: JobRun, mlflow_client_u
     client = MlflowClient(mlflow_client_uri)
     run = client.get_run(job.result["run_id"])
     nll = client.get_metric_history(run.info.run_id, "eval/nll")
-    assert sorted(m.step for m in nll) == [10, 20]
+    assert sorted({m.step for m in nll}) == [10, 20]  # step 20 twice: the run's and the logged model's record
     assert all(0 < m.value < 2 * math.log(32) for m in nll)
     assert 0 <= run.data.metrics["eval/accuracy"] <= 1
     assert 0 < run.data.metrics["eval/nll_vs_unigram"] < 2 and run.data.metrics["eval/unigram_entropy"] > 0
     fid = client.get_metric_history(run.info.run_id, "eval/fid")
-    assert [m.step for m in fid] == [20] and fid[0].value > 0  # at the end only (every_eval: false)
+    assert {m.step for m in fid} == {20} and fid[0].value > 0  # at the end only (every_eval: false)
     assert run.data.metrics["eval/samples"] == 20 and run.data.metrics["eval/inception_score"] >= 1
     assert "class_acc: no evaluation.classifier named" in run.data.tags["vqtrain.eval.skipped"]
     assert "guidance" in run.data.tags["vqtrain.eval.protocol.sampling"]
@@ -159,7 +159,15 @@ def test_maskgit_job_trains_on_token_shards(maskgit_job: JobRun, mlflow_client_u
     assert imgs.shape == (2, 16, 16, 3) and imgs.dtype == np.uint8
     assert pyfunc.predict(np.array([1], dtype=np.int64), params={"steps": 2}).shape == (1, 4, 4)
     logged = [f.path for f in client.list_artifacts(run.info.run_id, "images")]
-    assert any(p.startswith("images/samples+step+20") and p.endswith(".png") for p in logged), logged
+    steps = {int(p.split("+step+")[1].split("+")[0]) for p in logged if p.startswith("images/images~samples+step+")
+             and p.endswith(".png")}  # key images/samples ('/' written as '~'): the untrained model, then the end
+    assert {0, 20} <= steps, logged
+    contexts = {[t.value for t in d.tags][0]: d.dataset for d in run.inputs.dataset_inputs}
+    assert set(contexts) == {"training", "evaluation"} and json.loads(contexts["training"].profile)["num_rows"] == 270
+    (output,) = run.outputs.model_outputs
+    assert output.step == 20 and client.get_logged_model(output.model_id).source_run_id == run.info.run_id
+    assert "class_names" in json.loads((_download(job.result["model_uri"], mlflow_client_uri) / "config.json")
+                                       .read_text())["extra"]
 
     model = vqmodels.load(_download(job.result["model_uri"], mlflow_client_uri))
     assert type(model).__name__ == "MaskGIT" and model.config.grid_size == (4, 4)

@@ -37,14 +37,12 @@ def test_tokenizer_job_tracks_and_registers(registered_tokenizer: JobRun, mlflow
 
     spec, result = registered_tokenizer.spec, registered_tokenizer.result
     assert result["model_uri"] == f"models:/{spec.name}@candidate"
-    assert result["run_url"].startswith(f"{mlflow_url}/#/experiments/") and result["run_url"].endswith(result["run_id"])
+    assert result["run_url"].startswith(f"{mlflow_url}/#/experiments/")
+    assert result["run_url"].endswith(f"/runs/{result['run_id']}?workflowType=machine_learning")  # model-training view
     client = MlflowClient(mlflow_url)
     run = client.get_run(result["run_id"])
     assert run.info.status == "FINISHED"
     assert run.data.params["optim.steps"] == "30" and run.data.params["model.codebook_size"] == "32"
-    # the spec carries only the endpoint: the workers found the credentials in their environment
-    assert run.data.params["data.storage_options.endpoint_url"] == spec.data.storage_options["endpoint_url"]
-    assert not any(k.startswith("data.storage_options.") and k.endswith(("key", "secret")) for k in run.data.params)
 
     steps = sorted({m.step for m in client.get_metric_history(run.info.run_id, "loss/total")})
     assert steps == list(range(1, 31))
@@ -52,8 +50,10 @@ def test_tokenizer_job_tracks_and_registers(registered_tokenizer: JobRun, mlflow
                 "train/images_per_s", "train/skipped_samples", "train/psnr"):
         assert key in run.data.metrics, key
     eval_psnr = client.get_metric_history(run.info.run_id, "eval/psnr")
-    assert {m.step for m in eval_psnr} == {15, 30}
-    assert run.data.metrics["eval/images"] == 30  # the whole eval split, shared by two ranks
+    assert {m.step for m in eval_psnr} == {0, 15, 30}  # step 0: the untrained baseline
+    assert run.data.tags["vqtrain.eval.images"] == "30"  # the whole eval split, shared by two ranks
+    assert result["metrics"]["images"] == 30 and result["metrics"]["bits_per_image"] == 80  # 16 codes of 5 bits
+    assert "eval/images" not in run.data.metrics  # a constant: a tag, not a flat-line chart
     assert 0 < run.data.metrics["eval/usage"] <= 1 and 1 <= run.data.metrics["eval/perplexity"] <= 32
 
     def files(path: str = "") -> list[str]:
@@ -63,11 +63,10 @@ def test_tokenizer_job_tracks_and_registers(registered_tokenizer: JobRun, mlflow
         return out
 
     logged = files()
-    for name in ("figures/usage/step_0000015.png", "figures/projection/step_0000030.png", "spec/spec.yaml",
-                 "eval/final.json"):
+    for name in ("spec/spec.yaml", "eval/final.json"):
         assert name in logged, (name, logged)
-    assert any(p.startswith("images/reconstructions+step+30") for p in logged)
     logged_spec = yaml.safe_load(Path(client.download_artifacts(run.info.run_id, "spec/spec.yaml", str(tmp_path))).read_text())
+    # the spec carries only the endpoint: the workers found the credentials in their environment
     assert logged_spec["data"]["storage_options"] == {"endpoint_url": spec.data.storage_options["endpoint_url"]}
     assert logged_spec["optim"]["steps"] == 30
 
@@ -77,6 +76,76 @@ def test_tokenizer_job_tracks_and_registers(registered_tokenizer: JobRun, mlflow
     progress = _progress(registered_tokenizer.progress)
     assert progress[-1]["step"] == 30 and progress[-1]["total"] == 30
     assert progress[-1]["images_per_s"] > 0 and "loss/total" in progress[-1]["metrics"]
+
+
+def _image_steps(client, run_id: str) -> dict[str, set[int]]:
+    """{key: steps} of the pictures logged with `log_image(key=..., step=...)` (MLflow writes '/' as '~')."""
+    out: dict[str, set[int]] = {}
+    for f in client.list_artifacts(run_id, "images"):
+        name = f.path.split("/", 1)[1]
+        if name.endswith(".png") and "+step+" in name:
+            key, rest = name.split("+step+", 1)
+            out.setdefault(key.replace("~", "/"), set()).add(int(rest.split("+", 1)[0]))
+    return out
+
+
+def test_run_shows_pictures_provenance_and_a_model_card(registered_tokenizer: JobRun, mlflow_url: str,
+                                                         mlflow_client_uri: str, tmp_path: Path) -> None:
+    """What the MLflow UI shows of the job: every picture under a prefixed key at step 0 and each eval/image
+    step (MLflow's step slider), who and which job made the run, its shard sets as dataset inputs, system
+    metrics, short params; the model version with its step, metrics, signature, input example, pinned
+    requirements, card and the registered model's description."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    spec, result = registered_tokenizer.spec, registered_tokenizer.result
+    client = MlflowClient(mlflow_url, registry_uri=mlflow_url)
+    run = client.get_run(result["run_id"])
+    steps = _image_steps(client, run.info.run_id)
+    assert steps == {"images/reconstructions": {0, 15, 30}, "codebook/usage": {0, 15, 30},
+                     "codebook/projection": {0, 15, 30}}, steps
+    exp = client.get_experiment(run.info.experiment_id)
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"  # opens in the model-training view
+
+    tags = run.data.tags
+    assert tags["mlflow.user"] and tags["mlflow.source.type"] == "JOB"
+    assert tags["mlflow.source.name"] == f"vqtrain tokenizer job {tags['vqtrain.job_id']}"
+    assert tags["vqtrain.job_id"] in tags["mlflow.note.content"] and spec.data.train in tags["mlflow.note.content"]
+    contexts = {}
+    for d in run.inputs.dataset_inputs:
+        context = {t.key: t.value for t in d.tags}["mlflow.data.context"]
+        contexts[context] = d.dataset
+    assert set(contexts) == {"training", "evaluation"}
+    assert json.loads(contexts["training"].source)["uri"] == f"{spec.data.train}/manifest.json"
+    assert json.loads(contexts["training"].profile)["num_rows"] == 270 and len(contexts["training"].digest) == 16
+    assert contexts["training"].digest != contexts["evaluation"].digest
+
+    assert any(k.startswith("system/cpu_utilization") for k in run.data.metrics), sorted(run.data.metrics)
+    assert len(client.get_metric_history(run.info.run_id, "train/images_per_s_steady")) > 1  # a line, not a dot
+    # a few params (MLflow prints them above every picture); the whole spec is spec/spec.yaml
+    assert set(run.data.params) == {"kind", "optim.steps", "optim.batch_size", "optim.lr", "resources.workers",
+                                    "model.codebook_size", "quantizer.preset"}
+
+    version = client.get_model_version_by_alias(spec.name, "candidate")
+    assert "VQ image tokenizer" in version.description and version.tags["vqtrain.card.kind"] == "tokenizer"
+    (output,) = run.outputs.model_outputs  # the logged model, at the job's last step
+    assert output.step == 30 and version.source == f"models:/{output.model_id}"
+    logged = client.get_logged_model(output.model_id)
+    assert logged.source_run_id == run.info.run_id
+    model_metrics = {m.key: m for m in logged.metrics or []}
+    assert model_metrics["eval/psnr"].step == 30
+    assert model_metrics["eval/psnr"].value == pytest.approx(run.data.metrics["eval/psnr"])
+    assert logged.tags["mlflow.source.name"] == tags["mlflow.source.name"]  # not Ray's default_worker.py
+    info = mlflow.models.get_model_info(result["model_uri"])
+    assert info.signature.inputs.to_dict()[0]["tensor-spec"] == {"dtype": "uint8", "shape": (-1, 16, 16, 3)}
+    assert info.saved_input_example_info is not None
+    model_dir = Path(mlflow.artifacts.download_artifacts(result["model_uri"], dst_path=str(tmp_path)))
+    example = mlflow.models.Model.load(str(model_dir)).load_input_example(str(model_dir))["images"]
+    assert example.dtype.name == "uint8" and example.shape == (1, 16, 16, 3)
+    requirements = (model_dir / "requirements.txt").read_text().split()
+    assert any(r.startswith("torch==2.") for r in requirements) and any(r.startswith("mlflow==3.") for r in requirements)
+    registered = client.get_registered_model(spec.name)
+    assert "vqmodels.load_tokenizer" in registered.description and registered.tags["vqtrain.kind"] == "tokenizer"
 
 
 def test_registered_tokenizer_round_trips(

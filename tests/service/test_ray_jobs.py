@@ -35,7 +35,7 @@ def test_job_survives_restart_succeeds_and_registers_a_model(live, make_settings
     with server.client() as c:
         assert job_id in [j["id"] for j in c.get("/v1/jobs").json()["items"]]  # still listed
         d = wait_for(c, job_id, ("succeeded",), timeout=300)
-        assert d["model_uri"] == f"models:/{name}@latest"
+        assert d["model_uri"] == f"models:/{name}/1"  # no alias in the spec: the version itself
         assert d["run_url"].startswith(backends.mlflow_uri) and d["run_id"] in d["run_url"]
         assert d["progress"] == {"step": 6, "total": 6, "fraction": 1.0}
         assert "loss/total" in d["metrics"] and d["ended_at"] and d["eta_seconds"] == 0
@@ -57,7 +57,7 @@ def test_job_survives_restart_succeeds_and_registers_a_model(live, make_settings
     assert tok.config.codebook_size == 16
 
     out = runner.invoke(cli, ["status", job_id], env=env)
-    assert out.exit_code == 0 and "succeeded" in out.stdout and f"models:/{name}@latest" in out.stdout
+    assert out.exit_code == 0 and "succeeded" in out.stdout and f"models:/{name}/1" in out.stdout
     out = runner.invoke(cli, ["models"], env=env)
     assert out.exit_code == 0 and name in out.stdout
     _assert_node_secret_stayed_in_the_environment(server, job_id, d["run_id"], backends)
@@ -81,6 +81,7 @@ def _assert_node_secret_stayed_in_the_environment(server, job_id: str, run_id: s
             assert NODE_SECRET not in c.get(path).text, path
     run = MlflowClient(backends.mlflow_uri).get_run(run_id)
     assert NODE_SECRET not in repr(run.data.params) + repr(run.data.tags)
+    assert run.data.tags["mlflow.user"] == "admin"  # "Created by": the name of the token that submitted it
     for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
         try:
             assert secret not in cmdline.read_bytes(), cmdline
