@@ -122,6 +122,8 @@ def check_pages(mlflow_url: str, run_id: str, model: str | None, out: Path | Non
                 page.wait_for_timeout(SETTLE_MS)
                 _rendered(page, {key: steps[key]}, report)
                 shot(page, "picture-" + key.replace("/", "-"))
+                if key == "images/reconstructions":
+                    _enlarged(page, card, key, all_steps[key], report, shot)
             search.fill("")
             page.wait_for_timeout(SETTLE_MS)
             shot(page, "run-model-metrics")
@@ -164,6 +166,33 @@ def check_pages(mlflow_url: str, run_id: str, model: str | None, out: Path | Non
         finally:
             browser.close()
     return report
+
+
+def _enlarged(page, card, key: str, steps: list[int], report: Report, shot) -> None:
+    """The card full screen at its latest step, then its picture clicked open: MLflow shows a 256 px thumbnail
+    in cards, the logged (enlarged, labelled) picture only in this view."""
+    card.locator("button").first.click()  # the card's full-screen button
+    page.wait_for_timeout(SETTLE_MS)
+    slider = page.get_by_role("dialog").get_by_role("slider").last  # the full-screen view's
+    slider.focus()
+    for _ in steps[1:]:  # from wherever the card was left (past the last step the slider shows nothing)
+        if slider.get_attribute("aria-valuenow") == str(steps[-1]):
+            break
+        slider.press("ArrowRight")
+        page.wait_for_timeout(300)
+    page.wait_for_timeout(SETTLE_MS)
+    page.get_by_role("dialog").locator("img").last.click()  # the full-screen view's picture
+    page.wait_for_timeout(SETTLE_MS)
+    full = page.evaluate(
+        "() => Array.from(document.images).filter(i => i.complete && i.naturalWidth > 256 && "
+        "!i.src.includes('compressed')).map(i => decodeURIComponent(i.src))")
+    want = f"{key.replace('/', '~')}+step+{steps[-1]}+"
+    report.check(any(want in f for f in full), f"{key}: the full-size picture of step {steps[-1]} does not open")
+    shot(page, "picture-enlarged")
+    page.keyboard.press("Escape")
+    page.wait_for_timeout(500)
+    page.keyboard.press("Escape")
+    page.wait_for_timeout(500)
 
 
 def _close_assistant(page) -> None:

@@ -38,4 +38,4 @@ def test_the_run_and_its_model_render_in_chromium(registered_tokenizer: JobRun, 
         registered_tokenizer.spec.name, "candidate").version
     report = ui.check_pages(mlflow_url, result["run_id"], f"{registered_tokenizer.spec.name}/{version}", tmp_path)
     assert report.failures == [], (report.failures, report.seen)
-    assert {Path(p).name for p in report.screenshots} >= {"run-overview.png", "run-model-metrics.png", "picture-images-reconstructions.png", "model-version.png"}
+    assert {Path(p).name for p in report.screenshots} >= {"run-overview.png", "picture-images-reconstructions.png", "picture-enlarged.png", "model-version.png"}
