@@ -154,6 +154,10 @@ def test_ssim_is_one_for_identical_images_and_matches_torchmetrics():
     _, full = tm_ssim((y + 1) / 2, (x + 1) / 2, data_range=1.0, reduction="none", return_full_image=True)
     expected = full[..., 5:-5, 5:-5].mean((1, 2, 3))
     torch.testing.assert_close(ssim(y, x), expected, rtol=1e-4, atol=1e-5)
+    from pytorch_msssim import ssim as msssim_ssim  # the reference implementation of the same protocol
+
+    reference = msssim_ssim((y + 1) / 2, (x + 1) / 2, data_range=1.0, size_average=False, win_size=11)
+    torch.testing.assert_close(ssim(y, x), reference, rtol=1e-5, atol=1e-6)
     assert torch.all(ssim(y, x) < 0.99)
 
 

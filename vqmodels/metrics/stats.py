@@ -107,15 +107,31 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def ssim(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """(N,) SSIM of images in [-1, 1], as everyone reports it: 11-px Gaussian window, σ = 1.5, K = (0.01,
-    0.03) on the [0, 1] scale, valid region only. Computed by pytorch-msssim (torch only); checked against
-    torchmetrics in the tests."""
-    from pytorch_msssim import ssim as _ssim
+    """(N,) SSIM of images in [-1, 1], as everyone reports it (Wang et al. 2004; tf.image.ssim, pytorch-msssim):
+    11-px Gaussian window, σ = 1.5, K = (0.01, 0.03) on the [0, 1] scale, valid region only, mean over the map
+    and the channels. Plain torch (a separable Gaussian filter); the tests check it against pytorch-msssim and
+    torchmetrics."""
+    import torch.nn.functional as F
 
-    x, y = (a.float() + 1) / 2, (b.float() + 1) / 2
+    x, y = ((a.float() + 1) / 2).clamp(0, 1), ((b.float() + 1) / 2).clamp(0, 1)
     win = min(11, x.shape[-1], x.shape[-2])
     win -= 1 - win % 2  # odd
-    return _ssim(x.clamp(0, 1), y.clamp(0, 1), data_range=1.0, size_average=False, win_size=win)
+    coords = torch.arange(win, dtype=torch.float32, device=x.device) - win // 2
+    g = torch.exp(-(coords**2) / (2 * 1.5**2))
+    g = g / g.sum()
+    c = x.shape[1]
+
+    def blur(t: torch.Tensor) -> torch.Tensor:  # valid (no padding) separable Gaussian, per channel
+        t = F.conv2d(t, g.view(1, 1, 1, win).expand(c, 1, 1, win), groups=c)
+        return F.conv2d(t, g.view(1, 1, win, 1).expand(c, 1, win, 1), groups=c)
+
+    c1, c2 = 0.01**2, 0.03**2
+    mu_x, mu_y = blur(x), blur(y)
+    var_x, var_y = blur(x * x) - mu_x**2, blur(y * y) - mu_y**2
+    cov = blur(x * y) - mu_x * mu_y
+    cs = (2 * cov + c2) / (var_x + var_y + c2)
+    ssim_map = (2 * mu_x * mu_y + c1) / (mu_x**2 + mu_y**2 + c1) * cs
+    return ssim_map.flatten(2).mean(-1).mean(1)
 
 
 def to_uint8(images: torch.Tensor) -> torch.Tensor:
