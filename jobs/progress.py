@@ -11,7 +11,6 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TextIO
 
 import ray
@@ -115,36 +114,23 @@ class Progress:
 
 class SyncClock:
     """Seconds this process spent inside the quantizer's own collectives (`vqmodels.quantize.dist`), i.e.
-    keeping the codebook in sync across ranks; wrapped once per process. With gloo the collectives are
+    keeping the codebook in sync across ranks, as the quantizer's timing hook reports it. With gloo the collectives are
     synchronous, so this is their full cost (waiting for the slowest rank included); with NCCL it is
     the launch cost plus whatever the quantizer waits for."""
 
     seconds = 0.0
-    _installed = False
 
     @classmethod
     def install(cls) -> type[SyncClock]:
-        if cls._installed:
-            return cls
+        """Have the quantizer's collectives report their time here (a hook it offers, not a patch of it)."""
         from vqmodels.quantize import dist as qdist
 
-        for name in ("all_reduce_", "broadcast_", "all_gather_rows"):
-            fn = getattr(qdist, name, None)
-            if fn is not None:
-                setattr(qdist, name, cls._timed(fn))
-        cls._installed = True
+        qdist.set_collective_timer(cls._add)
         return cls
 
     @classmethod
-    def _timed(cls, fn: Callable) -> Callable:
-        def timed(*args: Any, **kwargs: Any) -> Any:
-            t = time.perf_counter()
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                cls.seconds += time.perf_counter() - t
-
-        return timed
+    def _add(cls, seconds: float) -> None:
+        cls.seconds += seconds
 
 
 class Throughput:

@@ -7,8 +7,34 @@ guard a collective are taken from globally reduced values only, never from local
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
+
 import torch
 import torch.distributed as dist
+
+_timer: Callable[[float], None] | None = None  # told the seconds each collective took (None: not timed)
+
+
+def set_collective_timer(timer: Callable[[float], None] | None) -> None:
+    """Inject a function that receives the seconds each of these collectives took (a training loop's measure
+    of how long keeping the codebook in sync costs); None stops the timing."""
+    global _timer
+    _timer = timer
+
+
+def _timed(fn: Callable) -> Callable:
+    def wrapper(*args, **kwargs):
+        if _timer is None:
+            return fn(*args, **kwargs)
+        t = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            _timer(time.perf_counter() - t)
+
+    wrapper.__name__, wrapper.__doc__, wrapper.__wrapped__ = fn.__name__, fn.__doc__, fn
+    return wrapper
 
 
 def is_distributed() -> bool:
@@ -23,6 +49,7 @@ def rank() -> int:
     return dist.get_rank() if is_distributed() else 0
 
 
+@_timed
 def all_reduce_(t: torch.Tensor, op: str = "sum") -> torch.Tensor:
     """In-place all-reduce (sum or max); returns t for chaining."""
     if is_distributed():
@@ -30,6 +57,7 @@ def all_reduce_(t: torch.Tensor, op: str = "sum") -> torch.Tensor:
     return t
 
 
+@_timed
 def broadcast_(t: torch.Tensor, src: int = 0) -> torch.Tensor:
     """In-place broadcast from `src`; returns t."""
     if is_distributed():
@@ -37,6 +65,7 @@ def broadcast_(t: torch.Tensor, src: int = 0) -> torch.Tensor:
     return t
 
 
+@_timed
 def all_gather_rows(x: torch.Tensor) -> torch.Tensor:
     """Concatenate a (n_r, d) tensor from every rank (n_r may differ, 0 included), in rank order."""
     if not is_distributed():
