@@ -50,13 +50,11 @@ def split_constants(metrics: dict[str, Any]) -> tuple[dict[str, Any], dict[str, 
 
 
 def resolve_tracking_uri() -> str:
-    """The configured tracking URI, or the embedded local server (started once and reused)."""
-    uri = os.environ.get("MLFLOW_TRACKING_URI")
-    if uri:
-        return uri
-    from service import embedded  # torch-free; imported lazily so jobs need no service code otherwise
+    """The configured tracking URI, or the embedded local server (`vqbase.local.tracking_uri`), exported to
+    this process's MLflow calls."""
+    from vqbase.local import tracking_uri
 
-    uri = embedded.ensure_mlflow()
+    uri = tracking_uri({"MLFLOW_TRACKING_URI": os.environ.get("MLFLOW_TRACKING_URI", "")})
     os.environ["MLFLOW_TRACKING_URI"] = uri
     return uri
 

@@ -30,7 +30,7 @@ REPO = Path(__file__).resolve().parents[2]
 @pytest.fixture(scope="session")
 def mlflow_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A real `mlflow server` (SQLite, proxied local artifacts) on 127.0.0.1."""
-    from service.embedded import start_mlflow_server
+    from vqbase.local import start_mlflow_server
 
     server = start_mlflow_server(tmp_path_factory.mktemp("mlflow"))
     try:

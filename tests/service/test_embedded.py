@@ -40,14 +40,14 @@ def test_start_failure_shows_the_log_tail(tmp_path):
         proc = subprocess.Popen([sys.executable, "-c", "print('port already in use'); raise SystemExit(3)"],
                                 stdout=out, stderr=subprocess.STDOUT)  # fmt: skip
     with pytest.raises(RuntimeError, match="exited with code 3(.|\n)*port already in use"):
-        embedded._wait_http(f"http://127.0.0.1:{embedded.free_port()}/health", proc, log, "test server", 30)
+        embedded.wait_http(f"http://127.0.0.1:{embedded.free_port()}/health", proc, log, "test server", 30)
 
 
 def test_start_timeout_shows_the_log_tail(tmp_path):
     log = tmp_path / "server.log"
     log.write_text("still loading plugins\n")
     with pytest.raises(TimeoutError, match="did not answer(.|\n)*still loading plugins"):
-        embedded._wait_http(f"http://127.0.0.1:{embedded.free_port()}/health", None, log, "test server", 1)
+        embedded.wait_http(f"http://127.0.0.1:{embedded.free_port()}/health", None, log, "test server", 1)
 
 
 def test_free_ports_are_distinct():

@@ -101,7 +101,7 @@ def test_state_token_and_store_files_are_private(tmp_path, monkeypatch):
     embedded._ensure_ray_token()
     assert _mode(token) == 0o600
 
-    embedded._write_state(tmp_path / "ray.json", {"pid": 1})
+    embedded.write_state(tmp_path / "ray.json", {"pid": 1})
     embedded.write_private(tmp_path / "service.json", "{}")
     assert _mode(tmp_path / "ray.json") == _mode(tmp_path / "service.json") == 0o600
     monkeypatch.setenv("VQTRAIN_HOME", str(tmp_path / "home"))

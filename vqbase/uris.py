@@ -1,0 +1,77 @@
+"""One parser per kind of address: registry references (`models:/name@alias`, `models:/name/3`) and the
+scheme of a data or weights URL. The spec, the jobs, the service and the model loader all use these."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+URL_SCHEMES = ("file", "s3", "gs", "http", "https")  # where a spec may read data and weights from
+MLFLOW_SCHEMES = ("models", "runs", "mlflow-artifacts")  # MLflow artifact URIs (weights may live there)
+
+_NAME = r"[A-Za-z0-9][A-Za-z0-9\-_.]*"
+_ALIAS = r"[A-Za-z0-9][A-Za-z0-9\-_]*"
+_REF = re.compile(rf"^(?P<name>{_NAME})(?:@(?P<alias>{_ALIAS})|/(?P<version>[0-9]+))?$")
+_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*):")
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """A registered model, and which of its versions: an alias, a version number, or neither (the newest)."""
+
+    name: str
+    alias: str | None = None
+    version: int | None = None
+
+    @property
+    def pinned(self) -> bool:
+        """A fixed version (an alias may move)."""
+        return self.version is not None
+
+    @property
+    def uri(self) -> str:
+        tail = f"@{self.alias}" if self.alias else f"/{self.version}" if self.version is not None else ""
+        return f"models:/{self.name}{tail}"
+
+
+def parse_ref(text: str) -> ModelRef | None:
+    """`name`, `name@alias` or `name/3` (the form `vqtrain pull` and the API take), else None."""
+    m = _REF.match(text or "")
+    if m is None:
+        return None
+    return ModelRef(m["name"], m["alias"], int(m["version"]) if m["version"] else None)
+
+
+def parse_model_uri(uri: str | None, *, need_version: bool = True) -> ModelRef | None:
+    """`models:/name@alias` or `models:/name/<version>` (also bare `models:/name` unless `need_version`), else
+    None: run URIs, `models:/m-<id>` logged-model paths with sub-paths, local paths and other URLs."""
+    if not uri or not uri.startswith("models:/"):
+        return None
+    ref = parse_ref(uri[len("models:/"):])
+    if ref is None or (need_version and ref.alias is None and ref.version is None):
+        return None
+    return ref
+
+
+def pinned_model_uri(uri: str | None) -> bool:
+    """True for a fixed registry version, `models:/name/<number>` (an alias may move; a path may be anything)."""
+    ref = parse_model_uri(uri)
+    return ref is not None and ref.pinned
+
+
+def url_scheme(url: str | None) -> str | None:
+    """The lower-cased scheme of `scheme:...` (`s3`, `pipe`, `models`, ...), None for a plain path. A Windows
+    drive letter is no concern: jobs run on Linux."""
+    m = _SCHEME.match(url or "")
+    return m.group(1).lower() if m else None
+
+
+def is_url(url: str | None) -> bool:
+    """`scheme://...` or `scheme:/...` (anything with a scheme but a bare path), as opposed to a local path."""
+    return url_scheme(url) is not None
+
+
+def scheme_end(url: str) -> int:
+    """Index just past `scheme:` (0 for a plain path)."""
+    m = _SCHEME.match(url)
+    return m.end() if m else 0
