@@ -29,6 +29,7 @@ ARG PYTHON_IMAGE=python:3.11.14-slim-bookworm
 FROM ${PYTHON_IMAGE} AS wheel
 WORKDIR /src
 COPY pyproject.toml README.md ./
+COPY vqbase ./vqbase
 COPY vqmodels ./vqmodels
 COPY jobs ./jobs
 COPY service ./service

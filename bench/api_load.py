@@ -140,19 +140,20 @@ def embedded_service(max_active_jobs: int, num_cpus: int) -> Iterator[tuple[str,
     import uvicorn
 
     from service import embedded
-    from service.app import create_app
+    from service.api.app import create_app
     from service.settings import Settings
+    from vqbase.local import free_port, start_mlflow_server
 
     home = Path(tempfile.mkdtemp(prefix="vqtrain-bench-"))
     token = uuid.uuid4().hex
     t0 = time.perf_counter()
     head = embedded.start_ray_head(home, num_cpus=num_cpus)
-    mlflow = embedded.start_mlflow_server(home / "mlflow")
+    mlflow = start_mlflow_server(home / "mlflow")
     settings = Settings(
         home=home, ray_address=head.address, mlflow_uri=mlflow.url, tokens=[{"name": "bench", "token": token}],
         max_active_jobs=max_active_jobs, allowed_roots=[str(home)],
     )  # fmt: skip
-    port = embedded.free_port()
+    port = free_port()
     server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -184,7 +185,7 @@ def main() -> None:
     if args.embedded:
         ctx = embedded_service(args.max_active_jobs, args.num_cpus)
     else:
-        from service.cli_api import find_api
+        from service.cli.client import find_api
 
         api = find_api() if not args.url else None
         url, token = (args.url, args.token) if args.url else ((api.url, api.token) if api else (None, None))

@@ -25,9 +25,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from service import embedded  # noqa: E402
 from tests import servers  # noqa: E402
 from tests.cluster.cluster import ray_cluster  # noqa: E402
+from vqbase.local import start_mlflow_server  # noqa: E402
 
 CIFAR = REPO.parent / "shared" / "data" / "cifar10" / "train.tar"
 
@@ -109,7 +109,7 @@ def main() -> None:
                     storage_options=servers.s3_storage_options(s3), progress=False)  # fmt: skip
         aws = {"AWS_ENDPOINT_URL": s3, "AWS_ACCESS_KEY_ID": servers.S3_KEY,
                "AWS_SECRET_ACCESS_KEY": servers.S3_SECRET, "AWS_DEFAULT_REGION": "us-east-1"}  # fmt: skip
-        mlflow = embedded.start_mlflow_server(root / "mlflow")
+        mlflow = start_mlflow_server(root / "mlflow")
         try:
             rows = [run_layout(layout, root, f"{bucket}/cifar/manifest.json", bucket, aws, mlflow.url, args.steps)
                     for layout in ("one-node", "two-nodes")]  # fmt: skip

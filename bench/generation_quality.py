@@ -11,7 +11,7 @@ shard 9:
     are scored on 1,000 held-out images (100 per class) too, so both FDs come from the same sample count;
   - the MaskGIT's masked-token NLL on the held-out codes against the unigram entropy of those codes.
 
-Targets (issue 15), at the default sampling settings (jobs.spec_evaluation):
+Targets (issue 15), at the default sampling settings (jobs.spec.evaluation):
   samples' class consistency >= the reconstructions' and >= 60 % of the classifier's accuracy on real images;
   samples' FD <= 1.25 x the reconstructions' FD; masked-token NLL >= 20 % below the unigram entropy.
 
@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from jobs.spec_evaluation import DEFAULT_GUIDANCE, DEFAULT_STEPS
+from jobs.spec.evaluation import DEFAULT_GUIDANCE, DEFAULT_STEPS
 
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")

@@ -130,7 +130,7 @@ def main() -> None:
 
     from jobs.data.shards import make_shards
     from jobs.spec import parse_spec
-    from service.embedded import start_mlflow_server
+    from vqbase.local import start_mlflow_server
 
     with tempfile.TemporaryDirectory(prefix="vqtrain-bench-") as tmp:
         tmp_path = Path(tmp)

@@ -1,6 +1,8 @@
 """Spec → model configs: the one place where the job spec's field names meet `vqmodels`' configs.
 
-Errors name the spec's field (`model.channel_mult`, …), not the config's, so a user can fix the YAML.
+Takes a validated `JobSpec`: what the spec checks (model sizes, the image size against the downsampling) is
+not checked again here. Errors name the spec's field (`model.adversarial`, …), not the config's, so a user
+can fix the YAML.
 """
 
 from __future__ import annotations
@@ -22,16 +24,9 @@ def tokenizer_config(spec: JobSpec) -> Any:
     m = spec.model
     if not isinstance(m, TokenizerModelSpec):
         raise _error("model", f"kind={spec.kind} has no tokenizer model")
-    downsample = 2 ** (len(m.channel_mult) - 1)
-    if downsample not in (2, 4, 8, 16):
-        raise _error("model.channel_mult", f"needs 2 to 5 entries (downsampling 2..16), got {len(m.channel_mult)}")
-    if spec.data.image_size % downsample:
-        raise _error("data.image_size", f"must be divisible by the downsampling factor {downsample}")
-    if m.res_blocks < 1:
-        raise _error("model.res_blocks", "must be >= 1")
     fields: dict[str, Any] = dict(
         channels=m.channels,
-        downsample=downsample,
+        downsample=m.downsample,
         channel_mult=tuple(m.channel_mult),
         num_res_blocks=m.res_blocks,
         attention=m.attention,

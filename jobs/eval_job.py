@@ -14,10 +14,14 @@ from typing import Any
 
 import torch
 
-from jobs.common import Worker, eval_batches, open_job, worker_context
-from jobs.evaluation import load_judges, masked_nll, record_judges, sample_metrics, tokenizer_metrics
+from jobs.batches import eval_batches
+from jobs.evaluation import masked_nll, sample_metrics, tokenizer_metrics
+from jobs.job import open_job
+from jobs.judges import load_judges, record_judges
 from jobs.model_card import dataset_name, eval_tags
 from jobs.run import eval_result, pin_evaluated
+from jobs.worker import Worker, worker_context
+from vqbase.protocol import result_line
 
 
 def eval_loop(config: dict[str, Any]) -> None:
@@ -58,7 +62,7 @@ def evaluate_registered(spec: Any, worker: Worker, run: Any | None, tracking_uri
         res = tokenizer_metrics(tok, eval_batches(spec, worker), judges, dev)
         metrics = res.metrics if res is not None else {}
     else:
-        from jobs.evaluation import sampling_protocol
+        from jobs.judges import sampling_protocol
 
         net, tok = load_generator(uri, dev, tracking_uri)
         judges.protocol.update(sampling_protocol(spec.evaluation, net.config.num_classes))
@@ -84,8 +88,10 @@ def evaluate_registered(spec: Any, worker: Worker, run: Any | None, tracking_uri
 
 def _update_card(run: Any, uri: str, spec: Any, metrics: dict[str, float], judges: Any) -> None:
     from jobs.model_card import update_card
+    from vqbase.uris import parse_model_uri
 
-    name, version = uri[len("models:/"):].rsplit("/", 1)
+    ref = parse_model_uri(uri)  # the pinned version this job evaluated
+    name, version = ref.name, str(ref.version)
     ds = dataset_name(spec.data.eval)
     tags = eval_tags(ds, metrics, judges.protocol, judges.skipped)
     tags[f"eval.{ds}.run"] = run.run_id
@@ -123,8 +129,6 @@ def reference_stats(shards: str, out: str, fid_weights: str, image_size: int = 3
 def stats_main(argv: list[str]) -> int:
     import argparse
 
-    from jobs.common import RESULT_PREFIX
-
     p = argparse.ArgumentParser(prog="python -m jobs.eval_job stats")
     p.add_argument("shards")
     p.add_argument("-o", "--out", required=True)
@@ -138,7 +142,7 @@ def stats_main(argv: list[str]) -> int:
     except (OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(RESULT_PREFIX + json.dumps(result), flush=True)
+    print(result_line(result), flush=True)
     return 0
 
 
@@ -154,7 +158,6 @@ def main(argv: list[str] | None = None) -> int:
     from mlflow import MlflowClient
 
     from jobs import tracking
-    from jobs.common import RESULT_PREFIX
     from jobs.run import _read_spec
     from jobs.spec import SpecError
 
@@ -185,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     client.set_terminated(run_id, status="FINISHED")
     result = {"job_id": job_id, "run_id": run_id, "run_url": tracking.run_url(uri, exp_id, run_id),
               "model": spec.evaluate, "metrics": flat}
-    print(RESULT_PREFIX + json.dumps(result), flush=True)
+    print(result_line(result), flush=True)
     return 0
 
 

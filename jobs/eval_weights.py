@@ -18,13 +18,14 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from jobs.spec_evaluation import MLFLOW_SCHEMES
+from vqbase.local import vqtrain_home
+from vqbase.uris import MLFLOW_SCHEMES, url_scheme
 
 CHUNK = 1 << 20
 
 
 def cache_root() -> Path:
-    root = Path(os.environ.get("VQTRAIN_HOME") or "~/.vqtrain").expanduser() / "weights"
+    root = vqtrain_home() / "weights"
     root.mkdir(parents=True, exist_ok=True, mode=0o700)
     return root
 
@@ -37,20 +38,13 @@ def sha256_of(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def _scheme(url: str) -> str:
-    head, sep, _ = url.partition(":")
-    return head.lower() if sep and len(head) > 1 else ""
-
-
 def _download(url: str, dest: Path, storage_options: dict[str, Any] | None, tracking_uri: str | None) -> None:
-    scheme = _scheme(url)
+    scheme = url_scheme(url) or ""
     if scheme in MLFLOW_SCHEMES:
-        import mlflow.artifacts
+        from vqbase.fetch import fetch_model_dir  # models:/ resolved against tracking_uri's registry
 
         with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
-            registry = tracking_uri if scheme == "models" else None  # models:/ resolves through the registry URI
-            got = Path(mlflow.artifacts.download_artifacts(artifact_uri=url, dst_path=tmp, tracking_uri=tracking_uri,
-                                                           registry_uri=registry))
+            got = Path(fetch_model_dir(url, tmp, tracking_uri))
             if got.is_dir():
                 files = [p for p in got.rglob("*") if p.is_file()]
                 if len(files) != 1:
@@ -67,7 +61,7 @@ def _download(url: str, dest: Path, storage_options: dict[str, Any] | None, trac
 def fetch(url: str, field: str, sha256: str | None = None, storage_options: dict[str, Any] | None = None,
           tracking_uri: str | None = None) -> Path:
     """A local file holding the weights at `url` (see the module docstring); errors name `field`."""
-    scheme = _scheme(url)
+    scheme = url_scheme(url) or ""
     if scheme in ("", "file"):
         path = Path(url[len("file://"):] if url.lower().startswith("file://") else url).expanduser()
         if not path.is_file():

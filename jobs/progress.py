@@ -17,11 +17,11 @@ import ray
 import torch
 
 from jobs.tracking import to_floats
+from vqbase.protocol import progress_line
 
 if TYPE_CHECKING:
-    from jobs.common import TrainBatches, Worker
-
-PROGRESS_PREFIX = "VQTRAIN_PROGRESS "
+    from jobs.batches import TrainBatches
+    from jobs.worker import Worker
 
 
 @ray.remote(num_cpus=0)
@@ -37,10 +37,6 @@ class ProgressSink:
     def drain(self) -> list[dict]:
         items, self.items = self.items, []
         return items
-
-
-def progress_line(item: dict) -> str:
-    return PROGRESS_PREFIX + json.dumps(item, separators=(",", ":"))
 
 
 class ProgressPrinter:

@@ -10,11 +10,10 @@ with one `VQTRAIN_RESULT {...}` line. Exit status: 0 done, 2 invalid spec, 1 the
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -30,19 +29,27 @@ from jobs.spec import (
     upgrade_stored,
 )
 
-LOOPS = {
-    "tokenizer": "jobs.train_tokenizer:train_loop",
-    "maskgit": "jobs.train_maskgit:train_loop",
-    "tokenize": "jobs.tokenize:tokenize_loop",
-    "eval": "jobs.eval_job:eval_loop",
-}
 
+def job_loop(kind: str) -> Callable[[dict[str, Any]], None]:
+    """The Ray Train loop of a job kind (what every worker runs), imported for that kind only: each loop's
+    module brings its model library."""
+    if kind == "tokenizer":
+        from jobs.train_tokenizer import train_loop
 
-def _loop(kind: str) -> Any:
-    import importlib
+        return train_loop
+    if kind == "maskgit":
+        from jobs.train_maskgit import train_loop
 
-    module, name = LOOPS[kind].split(":")
-    return getattr(importlib.import_module(module), name)
+        return train_loop
+    if kind == "tokenize":
+        from jobs.tokenize import tokenize_loop
+
+        return tokenize_loop
+    if kind == "eval":
+        from jobs.eval_job import eval_loop
+
+        return eval_loop
+    raise KeyError(kind)
 
 
 ADDRESS_VARS = ("VQTRAIN_RAY_ADDRESS", "RAY_ADDRESS")
@@ -107,9 +114,10 @@ def run_job(
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from jobs import provenance, tracking
-    from jobs.common import checkpoint_storage, loop_config
-    from jobs.data.storage import parse_roots
+    from jobs.checkpoints import checkpoint_storage
+    from jobs.job import loop_config
     from jobs.progress import ProgressPrinter, ProgressSink
+    from vqbase.protocol import parse_roots
 
     preflight(spec)
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # stdout carries progress lines
@@ -146,7 +154,7 @@ def run_job(
     use_gpu = r.gpus_per_worker > 0
     resources = {"CPU": r.cpus_per_worker, **({"GPU": r.gpus_per_worker} if use_gpu else {})}
     trainer = TorchTrainer(
-        _loop(spec.kind),
+        job_loop(spec.kind),
         train_loop_config=loop_config(spec, run_id=run_id, tracking_uri=tracking_uri, job_id=job_id, sink=sink),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(
@@ -233,7 +241,7 @@ def preflight(spec: JobSpec) -> None:
     data cannot be found (or lies outside `$VQTRAIN_ALLOWED_ROOTS`); the SpecError names the field."""
     from jobs.build import tokenizer_config
     from jobs.data.manifest import resolve_shards
-    from jobs.data.storage import allowed_roots_from_env
+    from vqbase.protocol import allowed_roots_from_env
 
     if spec.kind == "tokenizer":
         tokenizer_config(spec)
@@ -293,9 +301,9 @@ def main(argv: list[str] | None = None) -> int:
     except SpecError as e:  # raised by the config mapping before any worker started
         print(str(e), file=sys.stderr)
         return 2
-    from jobs.common import RESULT_PREFIX
+    from vqbase.protocol import result_line
 
-    print(RESULT_PREFIX + json.dumps(result), flush=True)
+    print(result_line(result), flush=True)
     return 0
 
 

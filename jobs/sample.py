@@ -8,7 +8,6 @@ Writes `DIR/<label>/<n>.png` (label = class index; `uncond/` for an unconditiona
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -16,12 +15,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from jobs.spec_evaluation import (
+from jobs.spec.evaluation import (
     DEFAULT_CHOICE_TEMPERATURE,
     DEFAULT_GUIDANCE,
     DEFAULT_STEPS,
     DEFAULT_TEMPERATURE,
 )
+from vqbase.protocol import result_line
 
 BATCH = 50
 
@@ -137,8 +137,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     files = write_samples(images, got, a.out, getattr(net, "extra", {}).get("class_names"))
-    print("VQTRAIN_RESULT " + json.dumps({"images": len(images), "out": str(Path(a.out).resolve()),
-                                         "grid": str(files[-1]), "size": list(images.shape[1:3])}), flush=True)
+    print(result_line({"images": len(images), "out": str(Path(a.out).resolve()), "grid": str(files[-1]),
+                       "size": list(images.shape[1:3])}), flush=True)
     return 0
 
 

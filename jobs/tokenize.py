@@ -15,22 +15,21 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from jobs.common import JobEnv, is_distributed, open_job
+from jobs.job import JobEnv, finish_job, open_job
 from jobs.progress import Progress
 from jobs.tracking import OUTPUT_TAG
+from jobs.worker import all_gather, is_distributed
 
 TOKENS_PER_SHARD = 10000
 
 
 def tokenize_loop(config: dict[str, Any]) -> None:
     """Ray Train entry point of a kind=tokenize job."""
-    import ray.train
-
     from vqmodels import load_tokenizer
 
     env = open_job(config)
     spec, worker = env.spec, env.worker
-    tok = load_tokenizer(spec.tokenizer, map_location=worker.device, tracking_uri=config["tracking_uri"])
+    tok = load_tokenizer(spec.tokenizer, map_location=worker.device, tracking_uri=env.tracking_uri)
     out = spec.output.rstrip("/")
     outputs: dict[str, str] = {}
     totals: dict[str, float] = {}
@@ -41,18 +40,19 @@ def tokenize_loop(config: dict[str, Any]) -> None:
         counts = encode_split(env, tok, source, dest, split)
         totals.update({f"{split}/{k}": v for k, v in counts.items()})
         outputs[split] = dest
-    if worker.is_main:
+
+    def log_output() -> None:
         env.run.log_metrics(totals, step=0)
         env.run.set_tag(OUTPUT_TAG, out)
-        env.run.close()
-    ray.train.report({"output": out, **{f"output_{k}": v for k, v in outputs.items()}, **totals})
+
+    finish_job(env, {"output": out, **{f"output_{k}": v for k, v in outputs.items()}, **totals}, log_output)
 
 
 def encode_split(env: JobEnv, tok: Any, source: Any, dest: str, split: str) -> dict[str, float]:
     """Encode this rank's share of `source` into `dest/part-<rank>/`; rank 0 writes the merged manifest."""
     from jobs.data.loader import make_image_loader
-    from jobs.data.storage import allowed_roots_from_env
-    from jobs.data.tokens import TokenShardWriter
+    from jobs.data.tokens import encode_images
+    from vqbase.protocol import allowed_roots_from_env
 
     spec, worker = env.spec, env.worker
     d = spec.data
@@ -61,52 +61,27 @@ def encode_split(env: JobEnv, tok: Any, source: Any, dest: str, split: str) -> d
         world_size=worker.world_size, num_workers=d.num_workers, storage_options=d.storage_options,
         allowed_roots=allowed_roots_from_env(),
     )
-    src = loader.stream.shards.manifest
-    writer = TokenShardWriter(
-        f"{dest}/part-{worker.rank:05d}",
-        codebook_size=tok.config.codebook_size,
-        name="tokens",
-        per_shard=TOKENS_PER_SHARD,
-        storage_options=d.storage_options,
-        tokenizer=spec.tokenizer,
-        class_names=src.class_names if src is not None else (),
-        meta={"image_size": d.image_size, "source": str(source)},
-    )
     progress = Progress(env.progress.sink, len(loader), worker)
-    written, start = 0, time.perf_counter()
-    try:
-        with torch.no_grad():
-            for i, batch in enumerate(loader):
-                keep = batch.valid
-                if keep.any():
-                    codes = tok.encode(batch.images[keep].to(worker.device)).cpu()
-                    for code, label in zip(codes, batch.labels[keep].tolist(), strict=True):
-                        writer.write(code, label, key=f"r{worker.rank:05d}-{written:09d}")
-                        written += 1
-                rate = written * worker.world_size / max(time.perf_counter() - start, 1e-9)
-                progress.update(i + 1, {f"{split}/encoded": written * worker.world_size}, rate)
-    except BaseException:
-        writer.abort()  # nothing half-written stays behind, and no manifest
-        raise
-    writer.meta["skipped"] = loader.skipped
-    part = writer.close()
+    start = time.perf_counter()
+
+    def report(batches: int, written: int) -> None:
+        rate = written * worker.world_size / max(time.perf_counter() - start, 1e-9)
+        progress.update(batches, {f"{split}/encoded": written * worker.world_size}, rate)
+
+    part, written = encode_images(
+        lambda images: tok.encode(images.to(worker.device)), loader, source, f"{dest}/part-{worker.rank:05d}",
+        codebook_size=tok.config.codebook_size, image_size=d.image_size, per_shard=TOKENS_PER_SHARD,
+        storage_options=d.storage_options, tokenizer=spec.tokenizer, key_prefix=f"r{worker.rank:05d}-",
+        on_batch=report,
+    )
     # on the worker's device: an NCCL group (GPU jobs) cannot reduce CPU tensors
     stats = torch.tensor([float(written), float(loader.skipped)], dtype=torch.float64, device=worker.device)
-    parts = _gather(part)
+    parts = all_gather(part)
     if is_distributed():
         dist.all_reduce(stats)
     if worker.is_main:
         _write_merged_manifest(dest, parts, d.storage_options)
     return {"encoded": float(stats[0]), "skipped_samples": float(stats[1])}
-
-
-def _gather(obj: Any) -> list[Any]:
-    """Every rank's object, in rank order (one element without a process group)."""
-    if not is_distributed():
-        return [obj]
-    out: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
-    return out
 
 
 def _write_merged_manifest(dest: str, parts: list[Any], storage_options: dict[str, Any]) -> str:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import importlib
 import os
-import re
 import sys
 import time
 import uuid
@@ -23,7 +22,8 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param
 
 from jobs import provenance
-from jobs.spec import JobSpec, pinned_model_uri, redacted, run_params
+from jobs.spec import JobSpec, redacted, run_params
+from vqbase.uris import parse_model_uri
 
 JOB_TAG = "vqtrain.job_id"
 KIND_TAG = "vqtrain.kind"
@@ -79,13 +79,12 @@ def start_or_resume_run(
     return run.info.run_id, exp_id, True
 
 
-_MODELS_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>[^/]+))?$")
 
 
 def open_job_run(client: MlflowClient, spec: JobSpec, job_id: str) -> tuple[str, str, bool]:
     """The job's run, created with its provenance (who, which job, a description, the shard sets as dataset
     inputs) and its spec, or found again after a restart. Returns (run_id, experiment_id, created)."""
-    from jobs.data.storage import allowed_roots_from_env
+    from vqbase.protocol import allowed_roots_from_env
 
     tags = {KIND_TAG: spec.kind, **provenance.run_tags(job_id, spec.kind),
             "mlflow.note.content": provenance.run_description(spec, job_id)}
@@ -102,18 +101,16 @@ def open_job_run(client: MlflowClient, spec: JobSpec, job_id: str) -> tuple[str,
 def pin_model_uri(client: MlflowClient, uri: str) -> str:
     """`models:/name@alias` → `models:/name/<version>` (the version the alias points to now), so a job and
     every restart of it use one tokenizer even if the alias moves meanwhile. Other URIs are returned as is."""
-    m = _MODELS_URI.match(uri)
-    if m is None or pinned_model_uri(uri):
+    ref = parse_model_uri(uri)
+    if ref is None or ref.pinned:
         return uri
-    if m["alias"] and m["alias"].lower() == "latest":  # MLflow's reserved alias: the newest version
-        versions = client.search_model_versions(f"name = '{m['name']}'")
+    if ref.alias.lower() == "latest":  # MLflow's reserved alias: the newest version
+        versions = client.search_model_versions(f"name = '{ref.name}'")
         if not versions:
             raise ValueError(f"{uri}: the registered model has no versions")
-        return f"models:/{m['name']}/{max(int(v.version) for v in versions)}"
-    if m["alias"]:
-        version = client.get_model_version_by_alias(m["name"], m["alias"]).version
-        return f"models:/{m['name']}/{version}"
-    return uri
+        return f"models:/{ref.name}/{max(int(v.version) for v in versions)}"
+    version = client.get_model_version_by_alias(ref.name, ref.alias).version
+    return f"models:/{ref.name}/{version}"
 
 
 def pin_tokenizer(client: MlflowClient, run_id: str, tokenizer: str | None) -> str | None:

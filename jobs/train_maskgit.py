@@ -8,34 +8,21 @@ Rank 0 logs sample grids (MaskGIT decoding, then the tokenizer's decoder) and re
 
 from __future__ import annotations
 
-import tempfile
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
 from jobs import figures, model_card
+from jobs.batches import eval_batches, image_loader
 from jobs.build import maskgit_config
-from jobs.common import (
-    JobEnv,
-    Precision,
-    TrainBatches,
-    Worker,
-    eval_batches,
-    image_loader,
-    load_checkpoint,
-    lr_factor,
-    maybe_checkpoint,
-    maybe_kill,
-    open_job,
-    seed_everything,
-    set_lr,
-    wrap_ddp,
-)
-from jobs.evaluation import Judges, image_split, masked_nll, open_judges, sample_metrics
-from jobs.progress import Throughput, log_eval, log_train_step
+from jobs.evaluation import masked_nll, sample_metrics
+from jobs.job import JobEnv
+from jobs.judges import Judges, image_split, open_judges
+from jobs.optim import Precision, set_lr
 from jobs.spec import SpecError, pinned_model_uri
+from jobs.trainer import Step, Task, log_model, train
+from jobs.worker import Worker, wrap_ddp
 
 SAMPLES = 8  # images of an unconditional model in `images/samples`
 SAMPLES_PER_CLASS = 8  # a near-square grid of 10 classes
@@ -46,104 +33,79 @@ EVAL_SEED = 1234
 
 def train_loop(config: dict[str, Any]) -> None:
     """Ray Train entry point of a kind=maskgit job."""
-    import ray.train
+    train(config, MaskGITTask)
 
-    from vqmodels import load_tokenizer
-    from vqmodels.maskgit import MaskGIT
 
-    env = open_job(config)
-    spec, worker = env.spec, env.worker
-    o = spec.optim
-    tok = load_tokenizer(spec.tokenizer, map_location=worker.device, tracking_uri=config["tracking_uri"])
-    tok.requires_grad_(False)
-    torch.manual_seed(o.seed)
-    net = MaskGIT(maskgit_config(spec, tok)).to(worker.device)
-    model = wrap_ddp(net, worker)
-    params = list(net.parameters())
-    opt = torch.optim.AdamW(params, lr=o.lr, betas=(0.9, 0.96), weight_decay=o.weight_decay)
-    prec = Precision(o.precision, worker.device)
-    conditional = net.config.num_classes > 0
+class MaskGITTask(Task):
+    """A MaskGIT over the frozen tokenizer's codes, for `jobs.trainer.train`."""
 
-    judges = open_judges(env, "maskgit")
-    seed_everything(o.seed, worker.rank)
-    step, skipped_before = 0, 0
-    state = load_checkpoint(worker)
-    if state is not None:
-        net.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        prec.scaler.load_state_dict(state["scaler"])
-        step, skipped_before = int(state["step"]), int(state.get("skipped_samples", 0))
-        if env.run is not None:
-            env.run.log_metrics({"train/resumed_from": step}, step, replay=False)
+    def __init__(self, env: JobEnv):
+        from vqmodels import load_tokenizer
+        from vqmodels.maskgit import MaskGIT
 
-    def checkpoint_state() -> dict[str, Any]:
-        return {"model": net.state_dict(), "optimizer": opt.state_dict(), "scaler": prec.scaler.state_dict(),
-                "config": net.config_dict(), "skipped_samples": batches.skipped}
+        self.env = env
+        spec, worker, o = env.spec, env.worker, env.spec.optim
+        self.tok = load_tokenizer(spec.tokenizer, map_location=worker.device, tracking_uri=env.tracking_uri)
+        self.tok.requires_grad_(False)
+        torch.manual_seed(o.seed)
+        self.net = net = MaskGIT(maskgit_config(spec, self.tok)).to(worker.device)
+        self.model = wrap_ddp(net, worker)
+        self.params = list(net.parameters())
+        self.optimizer = torch.optim.AdamW(self.params, lr=o.lr, betas=(0.9, 0.96), weight_decay=o.weight_decay)
+        self.prec = Precision(o.precision, worker.device)
+        self.conditional = net.config.num_classes > 0
+        self.judges = open_judges(env, "maskgit")
+        self.names = class_names(spec) if worker.is_main else []  # label the sample rows
+        self.to_tokens = _tokenise(self.tok, worker)
 
-    batches = TrainBatches(token_loader(spec, worker, train=True, tok=tok), step, skipped_before)
-    final: dict[str, float] = {}  # the last evaluation's metrics, for the model card
-    names = class_names(spec) if worker.is_main else []
-    to_tokens = _tokenise(tok, worker)
-    if step == 0 and worker.is_main and spec.tracking.image_every:  # a fresh start: the untrained model's samples
-        _log_samples(env, net, tok, 0, names)  # (MLflow's image cards open at step 0)
-    rate = Throughput(worker.world_size)
-    rate.pause()
-    env.clock.saved()  # the wall-clock window opens with training, not with model building and resuming
-    while step < o.steps:
-        maybe_kill(step, worker, env.hooks)
-        set_lr(opt, lr_factor(step, o.steps, o.warmup_steps, o.schedule))
-        tokens, labels = to_tokens(next(batches))
-        with prec.autocast():
-            out = model(tokens, labels if conditional else None)
-        grad_norm = prec.step(out.loss, opt, params, o.grad_clip)
-        step += 1
-        rate.tick(tokens.shape[0] * worker.world_size)
-        batches.sync_skipped(step, worker.device, env.clock.due(step))
+    def train_loader(self) -> Any:
+        return token_loader(self.env.spec, self.env.worker, train=True, tok=self.tok)
 
-        if worker.is_main:
-            metrics = {"loss/total": out.loss.detach(), **{f"train/{k}": v for k, v in out.metrics.items()}}
-            log_train_step(env, step, metrics, opt, grad_norm, batches, rate)
+    def state_dict(self) -> dict[str, Any]:
+        return {"model": self.net.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scaler": self.prec.scaler.state_dict(), "config": self.net.config_dict()}
 
-        t = spec.tracking
-        last = step == o.steps
-        if (t.eval_every and step % t.eval_every == 0) or last:
-            result = evaluate(net, spec, worker, tok, judges, last)
-            final = result or final
-            if worker.is_main and result:
-                log_eval(env, step, result, last)
-            rate.pause()
-        if worker.is_main and ((t.image_every and step % t.image_every == 0) or last):
-            _log_samples(env, net, tok, step, names)
-            rate.pause()
-        maybe_checkpoint(env, step, checkpoint_state, rate)
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.net.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.prec.scaler.load_state_dict(state["scaler"])
 
-    result: dict[str, Any] = rate.summary()
-    if worker.is_main:
-        env.run.log_metrics(result, o.steps)
-        env.run.flush()
-        with tempfile.TemporaryDirectory(prefix="vqtrain-model-") as tmp:
-            model_dir = Path(tmp) / "maskgit"
-            # the pinned tokenizer version that decodes its codes; the class names label `vqtrain sample`'s grid
-            net.save(model_dir, extra={"tokenizer": spec.tokenizer, "class_names": names})
-            card = model_card.card_tags(spec, "maskgit", net)
-            if final:
-                card.update(model_card.eval_tags(model_card.dataset_name(spec.data.eval), final, judges.protocol,
-                                                 judges.skipped))
-            sig = model_card.signature("maskgit", spec.data.image_size, net.config.grid_size)
-            example = model_card.input_example("maskgit", spec.data.image_size, net.config.num_classes)
-            result["model_uri"] = env.run.log_model(model_dir, "maskgit", spec.model_name, spec.register.alias,
-                                                    step=o.steps, card=card, metrics=final, signature=sig,
-                                                    input_example=example)
-        env.run.close()
-    ray.train.report(result)
+    def set_lr(self, factor: float) -> None:
+        set_lr(self.optimizer, factor)
+
+    def prepare(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.to_tokens(batch)
+
+    def train_step(self, batch: tuple[torch.Tensor, torch.Tensor], step: int) -> Step:
+        tokens, labels = batch
+        with self.prec.autocast():
+            out = self.model(tokens, labels if self.conditional else None)
+        grad_norm = self.prec.step(out.loss, self.optimizer, self.params, self.env.spec.optim.grad_clip)
+        metrics = {"loss/total": out.loss.detach(), **{f"train/{k}": v for k, v in out.metrics.items()}}
+        return Step(metrics, tokens.shape[0], grad_norm)
+
+    def evaluate(self, step: int, last: bool) -> dict[str, float] | None:
+        return evaluate(self.net, self.env.spec, self.env.worker, self.tok, self.judges, last)
+
+    def log_pictures(self, step: int) -> None:
+        _log_samples(self.env, self.net, self.tok, step, self.names)
+
+    def register(self, final: dict[str, float]) -> str:
+        """With the pinned tokenizer version that decodes its codes; the class names label `vqtrain sample`'s
+        grid."""
+        spec, net = self.env.spec, self.net
+        return log_model(self.env, "maskgit", net,
+                         lambda d: net.save(d, extra={"tokenizer": spec.tokenizer, "class_names": self.names}),
+                         final, self.judges, dataset=spec.data.eval, grid=net.config.grid_size,
+                         example=model_card.input_example("maskgit", spec.data.image_size, net.config.num_classes))
 
 
 def token_loader(spec: Any, worker: Worker, train: bool, tok: Any) -> Any | None:
     """Token shards when the source's manifest says `kind: tokens` (checked against the tokenizer),
     else the image loader (tokenised on the fly); None when the split is not configured."""
     from jobs.data.manifest import resolve_shards
-    from jobs.data.storage import allowed_roots_from_env
     from jobs.data.tokens import make_token_loader
+    from vqbase.protocol import allowed_roots_from_env
 
     d = spec.data
     source = d.train if train else d.eval
@@ -211,7 +173,7 @@ def evaluate(net: Any, spec: Any, worker: Worker, tok: Any, judges: Judges, last
 def class_names(spec: Any) -> list[str]:
     """The training data's class names (its manifest's; token shards carry their source's), [] if unknown."""
     from jobs.data.manifest import resolve_shards
-    from jobs.data.storage import allowed_roots_from_env
+    from vqbase.protocol import allowed_roots_from_env
 
     try:
         manifest = resolve_shards(spec.data.train, spec.data.storage_options, allowed_roots_from_env()).manifest

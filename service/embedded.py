@@ -26,28 +26,18 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from vqbase.local import (  # noqa: F401 - the local MLflow server and state helpers, re-exported for the service
+from vqbase.local import (
     _KEEP,
-    MLFLOW_STATE,
-    SERVICE_SECRETS,
-    MlflowServer,
-    ensure_mlflow,
-    free_port,
     free_ports,
     http_ok,
-    http_status,
     locked,
-    log_tail,
     pid_alive,
     private_file,
     read_state,
-    start_mlflow_server,
     stop_group,
-    stop_mlflow,
     vqtrain_home,
     wait_http,
     without_service_secrets,
-    write_private,
     write_state,
 )
 

@@ -19,8 +19,6 @@ from typing import Any
 from sqlalchemy.orm import Session, sessionmaker
 
 from jobs.credentials import credential_errors
-from jobs.data.storage import ALLOWED_ROOTS_ENV
-from jobs.spec import SHARED_ROOTS_ENV
 from service import registry, store
 from service.ray_client import (
     STATE_OF_RAY,
@@ -28,12 +26,18 @@ from service.ray_client import (
     RayJobs,
     RaySubmitRejected,
     RayUnavailable,
-    entrypoint,
     eta_seconds,
+)
+from service.settings import Settings
+from vqbase.protocol import (
+    ALLOWED_ROOTS_ENV,
+    JOB_ID_ENV,
+    SHARED_ROOTS_ENV,
+    USER_ENV,
+    entrypoint,
     parse_logs,
     spec_env,
 )
-from service.settings import Settings
 
 log = logging.getLogger("vqtrain.service")
 LOG_REFRESH_S = 3.0  # a running job's logs are re-read at most this often
@@ -89,9 +93,9 @@ class JobManager:
     # ------------------------------------------------------------------ dispatch
 
     def job_env(self, job: store.Job) -> dict[str, str]:
-        env = {"VQTRAIN_JOB_ID": job.id, "PYTHONUNBUFFERED": "1", **self.settings.job_env, **spec_env(job.spec)}
+        env = {JOB_ID_ENV: job.id, "PYTHONUNBUFFERED": "1", **self.settings.job_env, **spec_env(job.spec)}
         if job.owner:  # the run's "Created by" in MLflow: the submitting token's name (owner is name@fingerprint)
-            env["VQTRAIN_USER"] = job.owner.rsplit("@", 1)[0]
+            env[USER_ENV] = job.owner.rsplit("@", 1)[0]
         if self.mlflow_uri:
             env["MLFLOW_TRACKING_URI"] = self.mlflow_uri
         if self.settings.allowed_roots:  # the job's loaders keep local data under the roots checked here
@@ -210,10 +214,10 @@ class JobManager:
                 k: v for k, v in (p.get("metrics") or {}).items() if isinstance(v, (int, float))
             }
             values |= self._eta(job, report.first_progress or p, p)
-        run = report.result or report.run
+        result = report.result or {}
         for key in ("run_id", "run_url", "model_uri", "output"):
-            if run.get(key):
-                values[key] = str(run[key])
+            if result.get(key):
+                values[key] = str(result[key])
         if state == "succeeded":
             values["eta_seconds"] = 0.0
         if state == "failed":

@@ -1,28 +1,25 @@
 """Submission to Ray through the Ray Jobs API, so jobs outlive the service; and what the service learns
-back: status, and progress parsed from the job's logs (`VQTRAIN_PROGRESS` / `VQTRAIN_RESULT` lines).
+back: status, the cluster's shape, and the job's logs (their `VQTRAIN_PROGRESS` / `VQTRAIN_RESULT` lines are
+read by `vqbase.protocol.parse_logs`).
 
-The entry point is `<python> -m jobs.run --job-id ID --spec-env VQTRAIN_SPEC_JSON` run by the service's own
-interpreter (a bare `python` on a Ray node may lack torch); `settings.runtime_env` adds to it for
-clusters whose nodes need a working_dir, pip packages or an image.
+The entry point (`vqbase.protocol.entrypoint`) is `<python> -m jobs.run --job-id ID --spec-env
+VQTRAIN_SPEC_JSON` run by the service's own interpreter (a bare `python` on a Ray node may lack torch);
+`settings.runtime_env` adds to it for clusters whose nodes need a working_dir, pip packages or an image.
 """
 
 from __future__ import annotations
 
 import json
 import re
-import shlex
 import threading
 import time
 import urllib.request
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-from jobs.spec import spec_json
 from service import embedded
+from vqbase.local import without_service_secrets
 
-PROGRESS_PREFIX = "VQTRAIN_PROGRESS "
-RESULT_PREFIX = "VQTRAIN_RESULT "
-RUN_PREFIX = "VQTRAIN_RUN "  # optional early line with run_id/run_url
 STATE_OF_RAY = {
     "PENDING": "queued",
     "RUNNING": "running",
@@ -52,51 +49,6 @@ class RayJobInfo:
     end_time: float | None
 
 
-@dataclass
-class LogReport:
-    """What the job's own stdout says about it."""
-
-    progress: dict[str, Any] | None = None
-    first_progress: dict[str, Any] | None = None
-    result: dict[str, Any] | None = None
-    run: dict[str, Any] = field(default_factory=dict)
-    failure: str | None = None
-
-
-def _json_after(line: str, prefix: str) -> dict[str, Any] | None:
-    at = line.find(prefix)
-    if at < 0:
-        return None
-    try:
-        value = json.loads(line[at + len(prefix) :])
-    except ValueError:
-        return None
-    return value if isinstance(value, dict) else None
-
-
-def parse_logs(text: str) -> LogReport:
-    """Latest progress, the result, and the job's own error message (`vqtrain: …` or a spec error)."""
-    report = LogReport()
-    lines = text.splitlines()
-    for i, line in enumerate(lines):
-        if PROGRESS_PREFIX in line:
-            item = _json_after(line, PROGRESS_PREFIX)
-            if item is not None:
-                if report.first_progress is None or item.get("step", 0) < (report.progress or {}).get("step", 0):
-                    report.first_progress = item  # (re)started: a restart from a checkpoint resets the rate
-                report.progress = item
-        elif RESULT_PREFIX in line:
-            report.result = _json_after(line, RESULT_PREFIX) or report.result
-        elif RUN_PREFIX in line:
-            report.run = _json_after(line, RUN_PREFIX) or report.run
-        elif line.startswith("invalid job spec:"):
-            details = [d.strip() for d in lines[i + 1 :][:20] if d.startswith("  ")]
-            report.failure = " ".join([line.strip(), *details])
-        elif line.startswith("vqtrain: ") and report.failure is None:
-            report.failure = line.removeprefix("vqtrain: ").strip()
-    return report
-
-
 def eta_seconds(first: dict[str, Any] | None, last: dict[str, Any] | None) -> float | None:
     """Seconds left at the step rate between two progress records of one attempt, from their `time`
     stamps (unix seconds, taken on rank 0, so eval and checkpoint pauses count as they will again);
@@ -113,20 +65,6 @@ def eta_seconds(first: dict[str, Any] | None, last: dict[str, Any] | None) -> fl
         return None
     rate = (step - step0) / (t1 - t0)
     return round((total - step) / rate, 1)
-
-
-SPEC_ENV = "VQTRAIN_SPEC_JSON"
-
-
-def entrypoint(python: str, job_id: str) -> str:
-    """The shell command Ray runs for a job. The spec travels in `$VQTRAIN_SPEC_JSON`, which the job reads
-    itself: it is never expanded into the command (Ray prints that into the job log, and a process's
-    arguments are readable by every user of the node in /proc/<pid>/cmdline)."""
-    return f"{shlex.quote(python)} -m jobs.run --job-id {shlex.quote(job_id)} --spec-env {SPEC_ENV}"
-
-
-def spec_env(spec: dict[str, Any]) -> dict[str, str]:
-    return {SPEC_ENV: spec_json(spec)}  # the form `check_spec_size` measures
 
 
 SHAPE_TTL_S = 30.0
@@ -224,7 +162,7 @@ class RayJobs:
     def submit(self, job_id: str, command: str, env: dict[str, str], runtime_env: dict[str, Any]) -> None:
         """Submit under `job_id`; an existing Ray job with that id counts as submitted (idempotent)."""
         renv = dict(runtime_env)
-        renv["env_vars"] = embedded.without_service_secrets({**runtime_env.get("env_vars", {}), **env})
+        renv["env_vars"] = without_service_secrets({**runtime_env.get("env_vars", {}), **env})
         try:  # the checks Ray's client makes before sending: a bad runtime_env can never be submitted
             from ray.runtime_env import RuntimeEnv
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import os
-import re
 import shutil
 import tempfile
 import threading
@@ -14,11 +13,10 @@ from typing import Any
 
 import yaml
 
+from vqbase.uris import parse_ref
+
 JOB_TAG = "vqtrain.job_id"  # set by jobs.tracking on every job's run
 KIND_TAG = "vqtrain.kind"
-_REF = re.compile(
-    r"^(?P<name>[A-Za-z0-9][A-Za-z0-9\-_.]*)(?:@(?P<alias>[A-Za-z0-9\-_]+)|/(?P<version>\d+))?$"
-)
 
 
 # MLflow's client retries an unreachable server with backoff for minutes; the API must not wait that long,
@@ -159,12 +157,10 @@ def model_uri(ref: str) -> str:
     """`name`, `name@alias`, `name/version` or a full `models:/…` URI → a `models:/` URI (default @latest)."""
     if ref.startswith("models:/"):
         return ref
-    m = _REF.match(ref)
-    if not m:
+    parsed = parse_ref(ref)
+    if parsed is None:
         raise ValueError(f"{ref!r}: expected NAME, NAME@ALIAS or NAME/VERSION")
-    if m["version"]:
-        return f"models:/{m['name']}/{m['version']}"
-    return f"models:/{m['name']}@{m['alias'] or 'latest'}"
+    return f"models:/{ref}" if parsed.alias or parsed.version is not None else f"models:/{ref}@latest"
 
 
 def _artifact_dir(model_root: Path) -> Path:

@@ -17,7 +17,7 @@ from typing import Annotated, Any
 from pydantic import BaseModel, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from jobs.data.storage import parse_roots
+from vqbase.protocol import HOME_ENV, parse_roots
 
 
 def hash_token(token: str) -> str:
@@ -46,7 +46,7 @@ class TokenEntry(BaseModel):
 
 
 def default_home() -> Path:
-    return Path(os.environ.get("VQTRAIN_HOME") or "~/.vqtrain").expanduser()
+    return Path(os.environ.get(HOME_ENV) or "~/.vqtrain").expanduser()
 
 
 class Settings(BaseSettings):

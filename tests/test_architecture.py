@@ -37,27 +37,62 @@ def _imports(package: str) -> dict[str, set[str]]:
     return found
 
 
-# The one sanctioned exception: `vqmodels.load_tokenizer("models:/name@alias")` must reach the MLflow
-# registry, so checkpoint.py imports mlflow lazily, only for such URIs (a plain directory needs no MLflow).
-LAZY_EXCEPTIONS = {"vqmodels/checkpoint.py": {"mlflow"}}
-
-
 def test_vqmodels_imports_torch_only():
+    """No exception, not even lazily: `load_tokenizer("models:/…")` asks a fetcher (vqbase.fetch, found through
+    the `vqmodels.fetchers` entry point) for a local directory instead of importing MLflow."""
     allowed = STDLIB | {"torch", "numpy", "vqmodels"}
-    bad = {
-        f: sorted(n - allowed - LAZY_EXCEPTIONS.get(f, set()))
-        for f, n in _imports("vqmodels").items()
-        if n - allowed - LAZY_EXCEPTIONS.get(f, set())
-    }
+    bad = {f: sorted(n - allowed) for f, n in _imports("vqmodels").items() if n - allowed}
     assert not bad, f"vqmodels must import torch (and small numeric helpers) only: {bad}"
-    assert "mlflow" in _imports("vqmodels")["vqmodels/checkpoint.py"], "the scan must see importlib imports"
+
+
+def test_the_import_scan_sees_importlib_imports(tmp_path, monkeypatch):
+    pkg = tmp_path / "pkg"
+    pkg.mkdir()
+    (pkg / "m.py").write_text("import importlib\nx = importlib.import_module('mlflow.artifacts')\n")
+    monkeypatch.setattr(sys.modules[__name__], "ROOT", tmp_path)
+    assert "mlflow" in _imports("pkg")["pkg/m.py"]
 
 
 def test_vqmodels_loads_without_mlflow():
-    """The exception stays lazy: importing vqmodels (and loading a local checkpoint) never needs MLflow."""
+    """Importing vqmodels (and loading a local checkpoint) never needs MLflow."""
     code = "import sys; sys.modules['mlflow'] = None; import vqmodels, vqmodels.checkpoint"
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_vqmodels_finds_its_fetcher_through_the_entry_point():
+    from vqbase.fetch import fetch_model_dir
+    from vqmodels.checkpoint import default_fetch
+
+    assert default_fetch() is fetch_model_dir
+
+
+def test_jobs_never_import_service():
+    bad = {f: sorted(n & {"service"}) for f, n in _imports("jobs").items() if "service" in n}
+    assert not bad, f"jobs/ must not import service/ (the shared parts live in vqbase/): {bad}"
+
+
+def test_vqbase_is_stdlib_only():
+    """The contract below jobs and service imports neither of them, nor torch; MLflow only in its fetcher."""
+    allowed = STDLIB | {"vqbase"}
+    exceptions = {"vqbase/fetch.py": {"mlflow"}}
+    bad = {
+        f: sorted(n - allowed - exceptions.get(f, set()))
+        for f, n in _imports("vqbase").items()
+        if n - allowed - exceptions.get(f, set())
+    }
+    assert not bad, f"vqbase must import the standard library only: {bad}"
+
+
+def test_protocol_lines_are_spelled_in_one_place():
+    """The job's output lines are written and parsed through vqbase.protocol only."""
+    found = [
+        str(path.relative_to(ROOT))
+        for package in ("jobs", "service", "vqmodels")
+        for path in (ROOT / package).rglob("*.py")
+        if any(f'"{word} ' in path.read_text() for word in ("VQTRAIN_PROGRESS", "VQTRAIN_RESULT", "VQTRAIN_RUN"))
+    ]
+    assert not found, f"protocol prefixes spelled outside vqbase/protocol.py: {found}"
 
 
 def test_service_never_imports_torch_or_vqmodels():
@@ -65,7 +100,7 @@ def test_service_never_imports_torch_or_vqmodels():
     assert not bad, f"service/ must not import torch or vqmodels: {bad}"
 
 
-@pytest.mark.parametrize("module", ["jobs.spec", "service.app", "service.cli", "jobs.data.shards"])
+@pytest.mark.parametrize("module", ["jobs.spec", "service.api.app", "service.cli", "jobs.data.shards", "vqbase.protocol", "vqbase.local"])
 def test_light_modules_load_without_torch(module):
     code = f"import sys; sys.modules['torch'] = None; import {module}"
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)

@@ -113,3 +113,26 @@ def parse_logs(text: str) -> LogReport:
         elif raw.startswith(FAILURE_PREFIX) and report.failure is None:
             report.failure = raw.removeprefix(FAILURE_PREFIX).strip()
     return report
+
+
+def parse_roots(text: str) -> list[str]:
+    """Allowed local data roots from their environment form, `VQTRAIN_ALLOWED_ROOTS`: a JSON list
+    (`["/data", "/scratch"]`) or paths joined by os.pathsep (`/data:/scratch`). The one parser of that
+    variable: the service's settings and the jobs it starts read it alike."""
+    text = text.strip()
+    if text.startswith("["):
+        try:
+            roots = json.loads(text)
+        except ValueError as e:
+            raise ValueError(f"{ALLOWED_ROOTS_ENV}: not a JSON list of paths: {e}") from None
+        if not all(isinstance(r, str) for r in roots):
+            raise ValueError(f"{ALLOWED_ROOTS_ENV}: the JSON list must hold path strings, got {roots!r}")
+        return [r for r in roots if r.strip()]
+    return [r.strip() for r in text.split(os.pathsep) if r.strip()]
+
+
+def allowed_roots_from_env(environ: dict[str, str] | None = None) -> list[str] | None:
+    """The roots a job's local data paths must stay under: set by the service that started the job
+    (its configured roots), None when unset or empty (a job run by hand reads any local path)."""
+    text = (os.environ if environ is None else environ).get(ALLOWED_ROOTS_ENV, "")
+    return parse_roots(text) if text.strip() else None

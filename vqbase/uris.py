@@ -11,7 +11,7 @@ MLFLOW_SCHEMES = ("models", "runs", "mlflow-artifacts")  # MLflow artifact URIs 
 
 _NAME = r"[A-Za-z0-9][A-Za-z0-9\-_.]*"
 _ALIAS = r"[A-Za-z0-9][A-Za-z0-9\-_]*"
-_REF = re.compile(rf"^(?P<name>{_NAME})(?:@(?P<alias>{_ALIAS})|/(?P<version>[0-9]+))?$")
+_REF = re.compile(rf"^(?P<name>{_NAME})(?:@(?P<alias>{_ALIAS})|/(?P<version>[0-9]+))?\Z")
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*):")
 
 
@@ -53,6 +53,19 @@ def parse_model_uri(uri: str | None, *, need_version: bool = True) -> ModelRef |
     return ref
 
 
+_REF_PREFIX = re.compile(rf"^models:/(?P<name>{_NAME})(?:@(?P<alias>{_ALIAS})|/(?P<version>[0-9]{{1,18}}))?(?=/|\Z)")
+
+
+def split_model_uri(uri: str) -> tuple[ModelRef | None, str]:
+    """(the reference, the path inside the model) of `models:/name@alias/sub/path` or `models:/name/3/sub`;
+    (None, "") for anything else (run URIs, `models:/m-<id>` logged models are references by name too)."""
+    m = _REF_PREFIX.match(uri or "")
+    if m is None:
+        return None, ""
+    ref = ModelRef(m["name"], m["alias"], int(m["version"]) if m["version"] else None)
+    return ref, uri[m.end():].strip("/")
+
+
 def pinned_model_uri(uri: str | None) -> bool:
     """True for a fixed registry version, `models:/name/<number>` (an alias may move; a path may be anything)."""
     ref = parse_model_uri(uri)
@@ -75,3 +88,10 @@ def scheme_end(url: str) -> int:
     """Index just past `scheme:` (0 for a plain path)."""
     m = _SCHEME.match(url)
     return m.end() if m else 0
+
+
+def is_model_uri(uri: str | None) -> bool:
+    """True where `parse_model_uri(uri)` finds a reference, told without reading the version as a number: for
+    checking text as written (`int()` refuses a number of over 4,300 digits)."""
+    m = _REF.match(uri[len("models:/"):]) if uri and uri.startswith("models:/") else None
+    return m is not None and (m["alias"] is not None or m["version"] is not None)

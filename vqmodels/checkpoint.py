@@ -2,18 +2,19 @@
 
 No pickled classes: `load` rebuilds the model from the JSON config and reads the weights with
 `torch.load(weights_only=True)`, so a checkpoint is safe to load from a model registry and survives
-refactors of the Python classes. `load_tokenizer` also accepts MLflow URIs (models:/, runs:/, ...).
+refactors of the Python classes. `load_tokenizer` also accepts MLflow URIs (models:/, runs:/, ...), through a
+fetcher its caller passes or an installed package registers (vqtrain's: `vqbase.fetch`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import importlib
+import importlib.metadata
 import json
 import os
 import re
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -138,27 +139,43 @@ def find_checkpoint(root: str | Path, model: str = "tokenizer") -> Path:
 
 
 _URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:/")  # models:/..., runs:/..., s3://..., file:///..., http(s)://...
+FETCHERS = "vqmodels.fetchers"  # entry-point group: `vqtrain` registers its MLflow fetcher (vqbase.fetch) there
+
+# fetch(uri, dst_dir, tracking_uri) -> local path holding the downloaded files
+Fetch = Callable[[str, str, "str | None"], str]
+
+
+def default_fetch() -> Fetch:
+    """The fetcher an installed package registered under the `vqmodels.fetchers` entry point (vqtrain's reads
+    MLflow URIs). The model library never imports MLflow itself: it asks its caller, or this registry."""
+    found = sorted(importlib.metadata.entry_points(group=FETCHERS), key=lambda e: e.name)
+    if not found:
+        raise ImportError(
+            f"no fetcher for model URIs is installed (entry point group {FETCHERS!r}); install vqtrain[train], "
+            "pass fetch=, or give a local directory"
+        )
+    return found[0].load()
 
 
 def load_tokenizer(
-    uri: str | Path, map_location: str | torch.device = "cpu", tracking_uri: str | None = None
+    uri: str | Path, map_location: str | torch.device = "cpu", tracking_uri: str | None = None,
+    fetch: Fetch | None = None,
 ) -> Tokenizer:
     """A tokenizer from a local directory or an MLflow URI (`models:/name@alias`, `models:/name/3`,
     `runs:/<id>/path`, ...). See `load_model`."""
-    return load_model(uri, "tokenizer", map_location, tracking_uri)  # type: ignore[return-value]
+    return load_model(uri, "tokenizer", map_location, tracking_uri, fetch=fetch)  # type: ignore[return-value]
 
 
 def load_model(
     uri: str | Path, model: str = "tokenizer", map_location: str | torch.device = "cpu",
-    tracking_uri: str | None = None, with_meta: bool = False,
+    tracking_uri: str | None = None, with_meta: bool = False, fetch: Fetch | None = None,
 ) -> Any:
-    """The saved `model` ("tokenizer", "maskgit", "ar") from a local directory or an MLflow URI; with
-    `with_meta`, (model, the checkpoint's config.json). MLflow is imported only here, lazily, only for URIs.
+    """The saved `model` ("tokenizer", "maskgit", "ar") from a local directory or a URI; with `with_meta`,
+    (model, the checkpoint's config.json).
 
-    `tracking_uri` (default: MLflow's own configuration) also names the registry for `models:/` URIs.
-    MLflow resolves those through its process-wide registry URI, not the `tracking_uri` argument, so it
-    is pointed there for the download and restored afterwards (a leftover `MLFLOW_REGISTRY_URI` would
-    send later registrations of this process, and of every process it starts, to the wrong server).
+    A URI is handed to `fetch(uri, dst_dir, tracking_uri)`, which downloads it and returns a local path
+    (default: the registered `vqmodels.fetchers` entry point; vqtrain's resolves `models:/` against
+    `tracking_uri`, default MLflow's own configuration, for the registry too).
     """
     def read(root: str | Path) -> Any:
         d = find_checkpoint(root, model)
@@ -171,68 +188,20 @@ def load_model(
     uri = str(uri)
     if not _URI.match(uri):
         raise FileNotFoundError(f"{uri}: neither a local directory nor an MLflow URI (models:/, runs:/, ...)")
-    try:
-        artifacts = importlib.import_module("mlflow.artifacts")
-    except ImportError as e:
-        raise ImportError(f"{uri}: loading from MLflow needs the 'mlflow' package (pip install vqtrain[train])") from e
-    registry_uri = tracking_uri if tracking_uri and uri.lower().startswith("models:") else None
-    with _registry_uri(registry_uri), _proxied_downloads(), tempfile.TemporaryDirectory(prefix="vqtokenizer-") as tmp:
-        path = artifacts.download_artifacts(
-            artifact_uri=uri, dst_path=tmp, tracking_uri=tracking_uri, registry_uri=registry_uri
-        )
-        return read(path)
+    fetch = fetch or default_fetch()
+    with tempfile.TemporaryDirectory(prefix="vqtokenizer-") as tmp:
+        return read(fetch(uri, tmp, tracking_uri))
 
 
 def load_generator(
     uri: str | Path, map_location: str | torch.device = "cpu", tracking_uri: str | None = None,
-    tokenizer: str | Path | None = None,
+    tokenizer: str | Path | None = None, fetch: Fetch | None = None,
 ) -> tuple[nn.Module, Tokenizer]:
     """(MaskGIT, the tokenizer that decodes its codes) from a directory or MLflow URI. The tokenizer is the
     version the MaskGIT recorded when it was saved, unless `tokenizer` names one."""
-    net, meta = load_model(uri, "maskgit", map_location, tracking_uri, with_meta=True)
+    net, meta = load_model(uri, "maskgit", map_location, tracking_uri, with_meta=True, fetch=fetch)
     net.extra = dict(meta.get("extra") or {})  # what its job recorded: the tokenizer, the class names
     tok_uri = tokenizer or net.extra.get("tokenizer")
     if not tok_uri:
         raise ValueError(f"{uri}: this MaskGIT does not record its tokenizer; pass tokenizer=")
-    return net, load_tokenizer(tok_uri, map_location, tracking_uri)
-
-
-_REGISTRY_ENV = "MLFLOW_REGISTRY_URI"
-NO_PRESIGNED_DOWNLOADS = "MLFLOW_ENABLE_PROXY_MULTIPART_DOWNLOAD"
-
-
-@contextlib.contextmanager
-def _proxied_downloads() -> Iterator[None]:
-    """Download through the tracking server, not from presigned URLs of its artifact store: those name the
-    store's address inside the cluster (http://minio:9000), which a laptop behind a port-forward cannot
-    resolve. Only for this download, and only when the user has not chosen."""
-    if NO_PRESIGNED_DOWNLOADS in os.environ:
-        yield
-        return
-    os.environ[NO_PRESIGNED_DOWNLOADS] = "false"
-    try:
-        yield
-    finally:
-        os.environ.pop(NO_PRESIGNED_DOWNLOADS, None)
-
-
-@contextlib.contextmanager
-def _registry_uri(uri: str | None) -> Iterator[None]:
-    """MLflow's process-wide registry URI set to `uri` inside the block (nothing happens for None).
-    `mlflow.set_registry_uri` keeps it in a module global and in $MLFLOW_REGISTRY_URI; both are restored."""
-    if uri is None:
-        yield
-        return
-    mlflow = importlib.import_module("mlflow")
-    state = importlib.import_module("mlflow.tracking._model_registry.utils")
-    before, before_env = getattr(state, "_registry_uri", None), os.environ.get(_REGISTRY_ENV)
-    mlflow.set_registry_uri(uri)
-    try:
-        yield
-    finally:
-        if hasattr(state, "_registry_uri"):
-            state._registry_uri = before
-        if before_env is None:
-            os.environ.pop(_REGISTRY_ENV, None)
-        else:
-            os.environ[_REGISTRY_ENV] = before_env
+    return net, load_tokenizer(tok_uri, map_location, tracking_uri, fetch=fetch)

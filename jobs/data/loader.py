@@ -17,8 +17,8 @@ from __future__ import annotations
 import io
 import os
 import random
-from collections.abc import Sequence
-from typing import Any, NamedTuple
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple, TypedDict, Unpack
 
 import numpy as np
 import torch
@@ -85,10 +85,28 @@ class ImageDecoder:
         return torch.zeros(3, self.size, self.size)
 
 
-def make_image_loader(
+class LoaderOptions(TypedDict, total=False):
+    """How a per-rank shard loader reads (`open_loader`); the defaults are `open_loader`'s."""
+
+    train: bool  # True: endless resampled shards, shuffled, `epoch_batches` a pass; False: every sample once
+    rank: int | None  # default: torch.distributed's
+    world_size: int | None
+    num_workers: int
+    seed: int
+    shuffle_buffer: int
+    epoch_batches: int | None  # default: manifest samples // (world_size × batch_size)
+    storage_options: dict[str, Any] | None
+    allowed_roots: Sequence[str | os.PathLike] | None  # local paths must lie under these (the service's roots)
+    retries: int
+    timeout: float
+    pin_memory: bool
+
+
+def open_loader(
     source: str | Sequence[str],
+    decoder: Callable[[dict[str, Any]], Any],
+    make_batch: Callable[..., Any],
     *,
-    image_size: int,
     batch_size: int,
     train: bool = True,
     rank: int | None = None,
@@ -97,27 +115,19 @@ def make_image_loader(
     seed: int = 0,
     shuffle_buffer: int = 1000,
     epoch_batches: int | None = None,
-    random_flip: bool = False,
     storage_options: dict[str, Any] | None = None,
     allowed_roots: Sequence[str | os.PathLike] | None = None,
     retries: int = 3,
     timeout: float = 300.0,
     pin_memory: bool = False,
 ) -> ShardLoader:
-    """Build the per-rank image loader.
-
-    source: a brace pattern (`s3://b/p/train-{000000..000009}.tar`), a list, a folder/prefix, or a
-    `manifest.json`. train=True streams endlessly-resampled shards with a shuffle buffer and yields exactly
-    `epoch_batches` batches (default: manifest samples // (world_size × batch_size)); train=False yields
-    every sample once, split across ranks, padding marked by label -1. rank/world_size default to
-    torch.distributed's. Iterating yields `Batch(images, labels)`; `loader.stats` / `loader.skipped`
-    count skipped samples, unreadable shards and retries across all dataloader workers.
-    """
+    """The per-rank loader of any sample type: `decoder(manifest meta)` makes the sample decoder, `make_batch`
+    the batch tuple. Images and token grids share everything else (`jobs.data.stream`)."""
     rank, world_size = dist_info(rank, world_size)
     shards = resolve_shards(source, storage_options, allowed_roots)
     stream = ShardStream(
         shards,
-        ImageDecoder(image_size, random_flip=random_flip and train),
+        decoder(shards.manifest.meta if shards.manifest is not None else {}),
         batch_size=batch_size,
         train=train,
         rank=rank,
@@ -128,4 +138,22 @@ def make_image_loader(
         storage_options=storage_options,
         retries=retries,
     )
-    return ShardLoader(stream, num_workers=num_workers, timeout=timeout, pin_memory=pin_memory, make_batch=Batch)
+    return ShardLoader(stream, num_workers=num_workers, timeout=timeout, pin_memory=pin_memory, make_batch=make_batch)
+
+
+def make_image_loader(
+    source: str | Sequence[str], *, image_size: int, batch_size: int, random_flip: bool = False,
+    **options: Unpack[LoaderOptions],
+) -> ShardLoader:
+    """Build the per-rank image loader.
+
+    source: a brace pattern (`s3://b/p/train-{000000..000009}.tar`), a list, a folder/prefix, or a
+    `manifest.json`. train=True streams endlessly-resampled shards with a shuffle buffer and yields exactly
+    `epoch_batches` batches (default: manifest samples // (world_size × batch_size)); train=False yields
+    every sample once, split across ranks, padding marked by label -1. rank/world_size default to
+    torch.distributed's. Iterating yields `Batch(images, labels)`; `loader.stats` / `loader.skipped`
+    count skipped samples, unreadable shards and retries across all dataloader workers.
+    """
+    flip = random_flip and options.get("train", True)
+    return open_loader(source, lambda meta: ImageDecoder(image_size, random_flip=flip), Batch,
+                       batch_size=batch_size, **options)

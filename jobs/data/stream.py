@@ -55,9 +55,11 @@ def _rng(*parts: Any) -> random.Random:
 
 
 def dist_info(rank: int | None = None, world_size: int | None = None) -> tuple[int, int]:
-    """Explicit rank/world size, else torch.distributed's when initialised, else (0, 1)."""
+    """Explicit rank/world size, else torch.distributed's in a job of several ranks, else (0, 1)."""
+    from jobs.worker import is_distributed
+
     if rank is None or world_size is None:
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
+        if is_distributed():
             rank = torch.distributed.get_rank() if rank is None else rank
             world_size = torch.distributed.get_world_size() if world_size is None else world_size
         else:

@@ -10,17 +10,17 @@ from __future__ import annotations
 
 import contextlib
 import io
-import os
 import random
 from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Unpack
 
 import numpy as np
 import torch
 
 from jobs.data import storage
-from jobs.data.manifest import Manifest, resolve_shards
-from jobs.data.stream import ShardLoader, ShardStream, dist_info
+from jobs.data.loader import Batch, LoaderOptions, open_loader
+from jobs.data.manifest import Manifest
+from jobs.data.stream import ShardLoader
 from jobs.data.tario import TarShardWriter
 
 TOKENS_EXT = "tokens.npy"
@@ -32,9 +32,7 @@ class TokenBatch(NamedTuple):
     tokens: torch.Tensor
     labels: torch.Tensor
 
-    @property
-    def valid(self) -> torch.Tensor:
-        return self.labels >= 0
+    valid = Batch.valid  # bool mask of real samples
 
 
 def token_dtype(codebook_size: int) -> np.dtype:
@@ -146,76 +144,53 @@ class TokenDecoder:
         return torch.zeros(self.grid, dtype=torch.long)
 
 
-def make_token_loader(
-    source: str | Sequence[str],
-    *,
-    batch_size: int,
-    train: bool = True,
-    rank: int | None = None,
-    world_size: int | None = None,
-    num_workers: int = 2,
-    seed: int = 0,
-    shuffle_buffer: int = 1000,
-    epoch_batches: int | None = None,
-    storage_options: dict[str, Any] | None = None,
-    allowed_roots: Sequence[str | os.PathLike] | None = None,
-    retries: int = 3,
-    timeout: float = 300.0,
-) -> ShardLoader:
-    """Per-rank loader of `TokenBatch(tokens, labels)` with the same guarantees as make_image_loader."""
-    rank, world_size = dist_info(rank, world_size)
-    shards = resolve_shards(source, storage_options, allowed_roots)
-    meta = shards.manifest.meta if shards.manifest is not None else {}
-    stream = ShardStream(
-        shards,
-        TokenDecoder(meta.get("grid"), meta.get("codebook_size")),
-        batch_size=batch_size,
-        train=train,
-        rank=rank,
-        world_size=world_size,
-        seed=seed,
-        shuffle_buffer=shuffle_buffer,
-        epoch_batches=epoch_batches,
-        storage_options=storage_options,
-        retries=retries,
-    )
-    return ShardLoader(stream, num_workers=num_workers, timeout=timeout, make_batch=TokenBatch)
+def make_token_loader(source: str | Sequence[str], *, batch_size: int, **options: Unpack[LoaderOptions]) -> ShardLoader:
+    """Per-rank loader of `TokenBatch(tokens, labels)` with the same guarantees and options as
+    `make_image_loader`; the manifest's grid and codebook size check every sample."""
+    return open_loader(source, lambda meta: TokenDecoder(meta.get("grid"), meta.get("codebook_size")), TokenBatch,
+                       batch_size=batch_size, **options)
 
 
-def encode_to_token_shards(
+def encode_images(
     encode: Callable[[torch.Tensor], torch.Tensor],
-    image_source: str | Sequence[str],
+    loader: Any,
+    source: str | Sequence[str],
     dest: str,
     *,
-    image_size: int,
     codebook_size: int,
-    batch_size: int = 256,
+    image_size: int,
     per_shard: int = 10000,
-    num_workers: int = 2,
     storage_options: dict[str, Any] | None = None,
-    allowed_roots: Sequence[str | os.PathLike] | None = None,
     tokenizer: str | None = None,
-) -> Manifest:
-    """Run `encode` (images B×3×S×S in [-1, 1] -> codes B×H×W) over every image once; write token shards.
+    key_prefix: str = "",
+    on_batch: Callable[[int, int], None] | None = None,
+) -> tuple[Manifest, int]:
+    """Run `encode` (images B×3×S×S in [-1, 1] -> codes B×H×W) over every valid image of an eval-mode image
+    `loader` once and write token shards + manifest at `dest`: (the manifest, samples written).
 
-    Undecodable images are left out (and counted in the manifest's meta["skipped"]).
-    """
-    from jobs.data.loader import make_image_loader
-
-    loader = make_image_loader(
-        image_source, image_size=image_size, batch_size=batch_size, train=False, rank=0, world_size=1,
-        num_workers=num_workers, storage_options=storage_options, allowed_roots=allowed_roots,
-    )
+    Undecodable images are left out and counted in the manifest's meta["skipped"]; on any error every shard
+    written so far is deleted and no manifest is written. `on_batch(batches done, samples written)` reports
+    progress; keys are `key_prefix` + a running number (the tokenize job prefixes its rank)."""
     src = loader.stream.shards.manifest
     writer = TokenShardWriter(
-        dest, codebook_size=codebook_size, per_shard=per_shard, storage_options=storage_options,
-        tokenizer=tokenizer, class_names=src.class_names if src else (),
-        meta={"image_size": image_size, "source": str(image_source)},
+        dest, codebook_size=codebook_size, name="tokens", per_shard=per_shard, storage_options=storage_options,
+        tokenizer=tokenizer, class_names=src.class_names if src is not None else (),
+        meta={"image_size": image_size, "source": str(source)},
     )
-    with torch.no_grad():
-        for batch in loader:
-            keep = batch.valid
-            if keep.any():
-                writer.write_batch(encode(batch.images[keep]), batch.labels[keep])
+    written = 0
+    try:
+        with torch.no_grad():
+            for i, batch in enumerate(loader):
+                keep = batch.valid
+                if keep.any():
+                    codes = encode(batch.images[keep]).cpu()
+                    for code, label in zip(codes, batch.labels[keep].tolist(), strict=True):
+                        writer.write(code, label, key=f"{key_prefix}{written:09d}")
+                        written += 1
+                if on_batch is not None:
+                    on_batch(i + 1, written)
+    except BaseException:
+        writer.abort()  # nothing half-written stays behind, and no manifest
+        raise
     writer.meta["skipped"] = loader.skipped
-    return writer.close()
+    return writer.close(), written

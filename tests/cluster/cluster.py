@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from service import embedded
+from vqbase.local import free_ports
 
 #: the GCS notices a lost node after period x threshold (production defaults: 3 s x 5)
 FAST_HEALTH_CHECKS = {"RAY_health_check_period_ms": "1000", "RAY_health_check_failure_threshold": "3"}
@@ -54,7 +55,7 @@ class Cluster:
         folder = Path(tempfile.mkdtemp(prefix=f"vqnode-{name}-", dir="/tmp"))
         for sub in ("ray", "tmp", "home"):
             (folder / sub).mkdir()
-        agent_http, agent_grpc, env_agent, metrics = embedded.free_ports(4)
+        agent_http, agent_grpc, env_agent, metrics = free_ports(4)
         cmd = [
             sys.executable, "-m", "ray.scripts.scripts", "start", "--block",
             "--address", self.head.gcs_address, "--node-ip-address", "127.0.0.1",

@@ -29,6 +29,7 @@ from service.settings import Settings
 from tests import servers
 from tests.cluster.cluster import Cluster, in_cluster, ray_cluster
 from tests.service.conftest import TOKENS, LiveServer, wait_for
+from vqbase.local import free_port, start_mlflow_server
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -68,7 +69,7 @@ def stack(s3_server: str, cifar_slice, tmp_path_factory: pytest.TempPathFactory)
     with servers.postgres_server() as pg:
         _create_databases(pg, "mlflow", "vqtrain")
         base = pg.rsplit("/", 1)[0]
-        mlflow = embedded.start_mlflow_server(
+        mlflow = start_mlflow_server(
             root / "mlflow", backend_store_uri=f"{base}/mlflow",
             artifacts_destination=f"{bucket}/mlflow", env=aws | {"MLFLOW_S3_ENDPOINT_URL": s3_server},
         )  # fmt: skip
@@ -185,7 +186,7 @@ def test_job_on_two_nodes_survives_node_loss_placement_group_removal_and_service
     hooks = {"VQTRAIN_TEST_PAUSE_AT_STEPS": ",".join(map(str, PAUSES)), "VQTRAIN_TEST_PAUSE_DIR": str(pause),
              "VQTRAIN_TEST_CODEBOOK_DIR": str(codebooks)}  # fmt: skip
     settings = _settings(stack, tmp_path / "service", hooks)
-    port = embedded.free_port()
+    port = free_port()
     server = LiveServer(settings, port).start()
     try:
         name = f"cluster-tok-{uuid.uuid4().hex[:6]}"
@@ -263,7 +264,7 @@ def test_cancel_after_a_service_restart_reaches_ray(stack: Stack, tmp_path: Path
     pause.mkdir()
     settings = _settings(stack, tmp_path / "service",
                          {"VQTRAIN_TEST_PAUSE_AT_STEPS": "5", "VQTRAIN_TEST_PAUSE_DIR": str(pause)})  # fmt: skip
-    port = embedded.free_port()
+    port = free_port()
     server = LiveServer(settings, port).start()
     try:
         job_id = server.client().post("/v1/jobs", json=_spec(stack, "cluster-cancel")).raise_for_status().json()["id"]
@@ -307,7 +308,7 @@ def test_specs_that_need_this_machines_disk_are_refused_on_a_cluster(stack: Stac
     spec["data"]["train"] = str(tmp_path / "shards" / "manifest.json")
     del spec["checkpoint"]["storage"]
     settings = _settings(stack, tmp_path / "service", {}).model_copy(update={"allowed_roots": [str(tmp_path)]})
-    server = LiveServer(settings, embedded.free_port()).start()
+    server = LiveServer(settings, free_port()).start()
     try:
         stored = server.client().get("/v1/jobs").json()["total"]  # the store is shared with the other tests
         r = server.client().post("/v1/jobs", json=spec)

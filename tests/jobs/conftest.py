@@ -198,7 +198,7 @@ def killed_tokenizer_job(
     hooks = {"VQTRAIN_TEST_KILL_AT_STEP": str(KILL_AT_STEP), "VQTRAIN_TEST_KILL_MARKER": str(marker),
              "VQTRAIN_TEST_KILL_DELAY_S": "3"}
     saved = {k: os.environ.get(k) for k in hooks}
-    os.environ.update(hooks)  # read by the driver (jobs.common.test_hooks_from_env), passed to the workers
+    os.environ.update(hooks)  # read by the driver (jobs.testhooks.test_hooks_from_env), passed to the workers
     job_id = f"tok-kill-{uuid.uuid4().hex[:8]}"
     try:
         job = run_spec(tiny_tokenizer_spec(cifar_s3), mlflow_url, job_id=job_id)

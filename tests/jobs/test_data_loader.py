@@ -80,7 +80,7 @@ def test_a_training_epoch_reads_each_sample_at_most_once(tmp_path, sizes, world,
 def test_a_resumed_epoch_continues_with_the_same_batches(uneven, workers) -> None:
     """Resuming k batches into an epoch (deep ones too: no limit) gives the uninterrupted epoch's remaining
     batches, in order; the skipped part is read but never decoded."""
-    from jobs.common import TrainBatches
+    from jobs.batches import TrainBatches
 
     def batches(skip: int | None) -> list[list[int]]:
         loader = make_image_loader(str(uneven), image_size=32, batch_size=4, rank=1, world_size=2,
@@ -104,7 +104,7 @@ def test_a_resumed_epoch_continues_with_the_same_batches(uneven, workers) -> Non
 def test_a_deep_resume_seeks_instead_of_replaying(uneven, monkeypatch) -> None:
     """Past RESUME_REPLAY_SAMPLES a worker jumps to its position: the rest of the epoch is new samples, bar at
     most a shuffle buffer's worth that the cut caught in the buffer."""
-    from jobs.common import TrainBatches
+    from jobs.batches import TrainBatches
     from jobs.data import stream
 
     monkeypatch.setattr(stream, "RESUME_REPLAY_SAMPLES", 8)  # in-process loader (num_workers=0)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-
 import pytest
 
 from jobs.data import storage
@@ -49,19 +47,6 @@ def test_allowed_roots(tmp_path) -> None:
         storage.check_url(str(root / ".." / "evil" / "passwd"), [root])
     # remote URLs are not local paths and pass the root check
     assert storage.check_url("s3://bucket/a.tar", [root])
-
-
-def test_allowed_roots_from_the_environment() -> None:
-    """`VQTRAIN_ALLOWED_ROOTS` as the service passes it (JSON) or as a person types it (os.pathsep)."""
-    assert storage.parse_roots('["/data", "/scratch"]') == ["/data", "/scratch"]
-    assert storage.parse_roots(f" /data{os.pathsep}/scratch{os.pathsep}") == ["/data", "/scratch"]
-    assert storage.parse_roots("") == [] and storage.parse_roots("[]") == []
-    for bad in ('["/data", 3]', "[not json"):
-        with pytest.raises(ValueError, match="VQTRAIN_ALLOWED_ROOTS"):
-            storage.parse_roots(bad)
-    env = storage.ALLOWED_ROOTS_ENV
-    assert storage.allowed_roots_from_env({}) is None and storage.allowed_roots_from_env({env: " "}) is None
-    assert storage.allowed_roots_from_env({env: '["/data"]'}) == ["/data"]
 
 
 def test_resolve_pattern_prefix_and_manifest_agree(tmp_path) -> None:

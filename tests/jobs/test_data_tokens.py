@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from jobs.data.check import check_shards
+from jobs.data.loader import make_image_loader
 from jobs.data.manifest import load_manifest
-from jobs.data.tokens import TokenShardWriter, encode_to_token_shards, make_token_loader, token_dtype
+from jobs.data.tokens import TokenShardWriter, encode_images, make_token_loader, token_dtype
 from tests.jobs.data_helpers import write_shards
 
 
@@ -90,8 +91,11 @@ def test_encode_images_to_token_shards_on_s3(s3_bucket, s3_storage_options) -> N
         pooled = torch.nn.functional.avg_pool2d(images.mean(1, keepdim=True), 8)[:, 0]
         return ((pooled + 1) / 2 * 7.999).long().clamp(0, 7)
 
-    m = encode_to_token_shards(encode, f"{src}/manifest.json", dest, image_size=32, codebook_size=8,
-                               batch_size=4, num_workers=0, storage_options=s3_storage_options)
+    images = make_image_loader(f"{src}/manifest.json", image_size=32, batch_size=4, train=False, rank=0,
+                               world_size=1, num_workers=0, storage_options=s3_storage_options)
+    m, written = encode_images(encode, images, f"{src}/manifest.json", dest, image_size=32, codebook_size=8,
+                               storage_options=s3_storage_options)
+    assert written == 14
     assert m.num_samples == 14 and m.meta["skipped"] == 1 and m.meta["grid"] == [4, 4]
     loader = make_token_loader(f"{dest}/manifest.json", batch_size=7, train=False, num_workers=2,
                                storage_options=s3_storage_options, timeout=60)

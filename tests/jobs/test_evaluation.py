@@ -11,8 +11,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from jobs.evaluation import load_judges, masked_nll, sample_metrics, tokenizer_metrics
-from jobs.spec_evaluation import EvaluationSpec
+from jobs.evaluation import masked_nll, sample_metrics, tokenizer_metrics
+from jobs.judges import load_judges
+from jobs.spec import EvaluationSpec
 from tests import weights
 from vqmodels.maskgit import MaskGIT, MaskGITConfig
 from vqmodels.tokenizer import Tokenizer, TokenizerConfig

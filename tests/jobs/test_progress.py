@@ -8,8 +8,9 @@ from types import SimpleNamespace
 
 import torch
 
-from jobs.common import Worker
-from jobs.progress import PROGRESS_PREFIX, Progress, Throughput, log_eval, log_train_step
+from jobs.progress import Progress, Throughput, log_eval, log_train_step
+from jobs.worker import Worker
+from vqbase.protocol import PROGRESS_PREFIX
 
 
 def test_progress_records_carry_their_time(capsys) -> None:
@@ -100,7 +101,7 @@ def test_a_logged_training_step_reads_nothing_back_until_the_flush(tmp_path, cap
     from mlflow import MlflowClient
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    from jobs.common import Precision
+    from jobs.optim import Precision
     from jobs.tracking import RunLogger
 
     class Reads(TorchDispatchMode):

@@ -8,10 +8,10 @@ import json
 import pytest
 import yaml
 
-from jobs.data.storage import ALLOWED_ROOTS_ENV
 from jobs.run import preflight, ray_address, ray_init_kwargs
 from jobs.spec import JobSpec, SpecError, parse_spec
 from tests.jobs.data_helpers import write_shards
+from vqbase.protocol import ALLOWED_ROOTS_ENV
 
 
 def test_ray_address_skips_jobs_api_urls() -> None:

@@ -15,8 +15,9 @@ import pytest
 import uvicorn
 
 from service import embedded
-from service.app import create_app
+from service.api.app import create_app
 from service.settings import Settings
+from vqbase.local import free_port, start_mlflow_server
 
 ADMIN, READER = "admin-token-for-tests", "reader-token-for-tests"
 TOKENS = [{"name": "admin", "token": ADMIN}, {"name": "reader", "token": READER, "read_only": True}]
@@ -39,7 +40,7 @@ def backends(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Backends]:
     with ThreadPoolExecutor(2) as pool:
         # the nodes hold storage credentials in their environment, as a cluster's would (docs/SECURITY.md)
         ray_f = pool.submit(embedded.start_ray_head, home, 2, 180.0, NODE_CREDENTIALS)
-        mlflow_f = pool.submit(embedded.start_mlflow_server, home / "mlflow")
+        mlflow_f = pool.submit(start_mlflow_server, home / "mlflow")
         try:
             head, mlflow = ray_f.result(), mlflow_f.result()
         except BaseException:
@@ -119,7 +120,7 @@ def live(make_settings: Callable[..., Settings]) -> Iterator[Callable[..., LiveS
     started: list[LiveServer] = []
 
     def start(settings: Settings | None = None, port: int | None = None) -> LiveServer:
-        server = LiveServer(settings or make_settings(), port or embedded.free_port()).start()
+        server = LiveServer(settings or make_settings(), port or free_port()).start()
         started.append(server)
         return server
 

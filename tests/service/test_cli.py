@@ -10,8 +10,8 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from service import cli_jobs
 from service.cli import app as cli
+from service.cli import common
 from tests.service.conftest import ADMIN
 
 runner = CliRunner()
@@ -82,7 +82,7 @@ def test_submit_follow_shows_progress_until_the_job_ends(env, tmp_path, api):
 
 
 def test_requests_retry_while_the_service_is_unreachable(monkeypatch):
-    from service import cli_api
+    from service.cli import client as cli_api
 
     calls = []
     real = cli_api.httpx.request
@@ -153,8 +153,8 @@ def test_run_turns_progress_lines_into_a_result(tmp_path):
     ]
     code = f"print({chr(10).join(lines)!r})"
     log = tmp_path / "run.log"
-    rc, result = cli_jobs._run_child([sys.executable, "-c", code], {}, log, "t", verbose=False)
+    rc, result = common.run_child([sys.executable, "-c", code], {}, log, "t", verbose=False)
     assert rc == 0 and result["model_uri"] == "models:/t@latest"
     assert log.read_text().splitlines() == lines
-    rc, _ = cli_jobs._run_child([sys.executable, "-c", "raise SystemExit(3)"], {}, log, "t", verbose=False)
+    rc, _ = common.run_child([sys.executable, "-c", "raise SystemExit(3)"], {}, log, "t", verbose=False)
     assert rc == 3

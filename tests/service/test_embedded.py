@@ -10,6 +10,7 @@ import time
 import pytest
 
 from service import embedded
+from vqbase import local
 
 
 def test_ensure_reuses_recorded_servers(backends, tmp_path):
@@ -17,7 +18,7 @@ def test_ensure_reuses_recorded_servers(backends, tmp_path):
     home.mkdir()
     (home / "mlflow.json").write_text(json.dumps({"pid": 1, "url": backends.mlflow_uri}))
     t0 = time.monotonic()
-    assert embedded.ensure_mlflow(home) == backends.mlflow_uri
+    assert local.ensure_mlflow(home) == backends.mlflow_uri
     assert time.monotonic() - t0 < 5  # reused, not started
     assert embedded.ensure_ray("http://ray-head:8265", home) == "http://ray-head:8265"  # configured wins
 
@@ -40,18 +41,18 @@ def test_start_failure_shows_the_log_tail(tmp_path):
         proc = subprocess.Popen([sys.executable, "-c", "print('port already in use'); raise SystemExit(3)"],
                                 stdout=out, stderr=subprocess.STDOUT)  # fmt: skip
     with pytest.raises(RuntimeError, match="exited with code 3(.|\n)*port already in use"):
-        embedded.wait_http(f"http://127.0.0.1:{embedded.free_port()}/health", proc, log, "test server", 30)
+        local.wait_http(f"http://127.0.0.1:{local.free_port()}/health", proc, log, "test server", 30)
 
 
 def test_start_timeout_shows_the_log_tail(tmp_path):
     log = tmp_path / "server.log"
     log.write_text("still loading plugins\n")
     with pytest.raises(TimeoutError, match="did not answer(.|\n)*still loading plugins"):
-        embedded.wait_http(f"http://127.0.0.1:{embedded.free_port()}/health", None, log, "test server", 1)
+        local.wait_http(f"http://127.0.0.1:{local.free_port()}/health", None, log, "test server", 1)
 
 
 def test_free_ports_are_distinct():
-    ports = embedded.free_ports(8)
+    ports = local.free_ports(8)
     assert len(set(ports)) == 8
 
 

@@ -6,7 +6,8 @@ import json
 import os
 import subprocess
 
-from service.ray_client import entrypoint, eta_seconds, parse_logs, spec_env
+from service.ray_client import eta_seconds
+from vqbase.protocol import entrypoint, parse_logs, spec_env
 
 
 def test_parse_logs_takes_latest_progress_result_and_error():

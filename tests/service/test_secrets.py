@@ -19,6 +19,7 @@ from service import embedded, store
 from service.ray_client import RayJobs
 from tests.jobs.test_credentials import CASES, PLANTED
 from tests.service.conftest import READER
+from vqbase import local
 
 
 @pytest.fixture
@@ -101,11 +102,11 @@ def test_state_token_and_store_files_are_private(tmp_path, monkeypatch):
     embedded._ensure_ray_token()
     assert _mode(token) == 0o600
 
-    embedded.write_state(tmp_path / "ray.json", {"pid": 1})
-    embedded.write_private(tmp_path / "service.json", "{}")
+    local.write_state(tmp_path / "ray.json", {"pid": 1})
+    local.write_private(tmp_path / "service.json", "{}")
     assert _mode(tmp_path / "ray.json") == _mode(tmp_path / "service.json") == 0o600
     monkeypatch.setenv("VQTRAIN_HOME", str(tmp_path / "home"))
-    assert _mode(embedded.vqtrain_home()) == 0o700
+    assert _mode(local.vqtrain_home()) == 0o700
 
     old = tmp_path / "old.db"
     old.write_text("")
@@ -123,9 +124,9 @@ def test_private_file_refuses_what_it_cannot_fix(tmp_path, monkeypatch):
     def denied(*args, **kwargs):
         raise PermissionError("not the owner")
 
-    monkeypatch.setattr(embedded.os, "chmod", denied)
+    monkeypatch.setattr(local.os, "chmod", denied)
     with pytest.raises(PermissionError, match="chmod 600"):
-        embedded.private_file(path)
+        local.private_file(path)
 
 
 class _Started(Exception):
@@ -147,7 +148,7 @@ def test_no_child_of_the_service_inherits_its_tokens(tmp_path, monkeypatch):
     with monkeypatch.context() as mp:
         mp.setattr(embedded.subprocess, "Popen", popen)
         mp.setattr(embedded, "_ray_temp_dir", lambda home: home / "ray")
-        for start in (lambda: embedded.start_ray_head(tmp_path, 1), lambda: embedded.start_mlflow_server(tmp_path)):
+        for start in (lambda: embedded.start_ray_head(tmp_path, 1), lambda: local.start_mlflow_server(tmp_path)):
             with pytest.raises(_Started):
                 start()
     assert len(envs) == 2 and all(PLANTED not in json.dumps(env) for env in envs)
@@ -167,7 +168,7 @@ def test_no_child_of_the_service_inherits_its_tokens(tmp_path, monkeypatch):
 
 def test_vqtrain_run_does_not_pass_the_client_token_to_its_job(tmp_path, monkeypatch):
     """`vqtrain run`'s child (`python -m jobs.run`) gets the caller's environment without the API tokens."""
-    from service import cli_jobs
+    from service.cli import run as cli_run
 
     seen: dict = {}
 
@@ -181,16 +182,16 @@ def test_vqtrain_run_does_not_pass_the_client_token_to_its_job(tmp_path, monkeyp
     monkeypatch.setenv("VQTRAIN_HOME", str(tmp_path / "home"))
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:1")
     monkeypatch.delenv("VQTRAIN_RAY_ADDRESS", raising=False)
-    monkeypatch.setattr(cli_jobs, "_run_child", run_child)
-    monkeypatch.setattr(cli_jobs, "_print_result", lambda result: None)
-    cli_jobs.run(spec)
+    monkeypatch.setattr(cli_run, "run_child", run_child)
+    monkeypatch.setattr(cli_run, "print_result", lambda result: None)
+    cli_run.run(spec)
     assert seen and "VQTRAIN_TOKEN" not in seen and seen["MLFLOW_TRACKING_URI"] == "http://127.0.0.1:1"
 
 
 def test_a_process_started_without_the_tokens_has_none_in_proc_environ(monkeypatch):
     """The real thing, on a cheap child: /proc/<pid>/environ of a process given `without_service_secrets`."""
     monkeypatch.setenv("VQTRAIN_TOKENS", "PLANTED")
-    proc = subprocess.Popen(["sleep", "5"], env=embedded.without_service_secrets(dict(os.environ)))
+    proc = subprocess.Popen(["sleep", "5"], env=local.without_service_secrets(dict(os.environ)))
     try:
         deadline = time.monotonic() + 10
         while not (environ := Path(f"/proc/{proc.pid}/environ").read_bytes()) and time.monotonic() < deadline:

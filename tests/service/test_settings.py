@@ -8,7 +8,7 @@ import os
 import pytest
 from pydantic import ValidationError
 
-from service.auth import match_token
+from service.api.auth import match_token
 from service.settings import Settings, TokenEntry, hash_token
 
 
@@ -51,9 +51,9 @@ def test_allowed_roots_are_read_like_the_jobs_read_them(monkeypatch, tmp_path):
 
 
 def test_jobs_get_the_services_roots(tmp_path):
-    from jobs.data.storage import ALLOWED_ROOTS_ENV, allowed_roots_from_env
     from service.manager import JobManager
     from service.store import Job
+    from vqbase.protocol import ALLOWED_ROOTS_ENV, allowed_roots_from_env
 
     job = Job(id="vq-1", spec={"name": "t"})
     env = JobManager(Settings(home=tmp_path, allowed_roots=["/data", "~/shards"]), None, None, None).job_env(job)

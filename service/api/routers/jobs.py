@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import hashlib
-import re
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, HTTPException, Path, Query, Request, status
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, sessionmaker
 
 from jobs.spec import (
     JobSpec,
@@ -23,10 +22,8 @@ from jobs.spec import (
     redacted,
 )
 from service import registry, store
-from service.auth import Reader, Writer
-from service.manager import JobManager
-from service.ray_client import RayJobNotFound, RayUnavailable, capacity_errors, cluster_spread
-from service.schemas import (
+from service.api.deps import ManagerDep, Reader, SessionsDep, SettingsDep, Writer
+from service.api.schemas import (
     ErrorResponse,
     JobCreated,
     JobDetail,
@@ -38,12 +35,15 @@ from service.schemas import (
     Progress,
     SpecErrorResponse,
 )
+from service.manager import JobManager
+from service.ray_client import RayJobNotFound, RayUnavailable, capacity_errors, cluster_spread
+from service.settings import Settings
+from vqbase.uris import scheme_end
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 MAX_SPEC_BYTES = 1 << 20
 JobId = Annotated[str, Path(max_length=40, description="job id (vq-…)")]
 _AUTH = {401: {"model": ErrorResponse}}
-_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*)://")
 _URL_FIELDS = ("data.train", "data.eval", "checkpoint.storage", "output", "tokenizer", "model.perceptual.weights",
                "evaluation.fid_weights", "evaluation.lpips_weights", "evaluation.classifier", "evaluation.reference_stats")
 
@@ -63,10 +63,6 @@ def _spec_body_schema() -> dict[str, Any]:
             "application/yaml": {"schema": {"type": "string", "description": "the spec as YAML"}},
         },
     }
-
-
-def _manager(request: Request) -> JobManager:
-    return request.app.state.manager
 
 
 def _progress(job: store.Job) -> Progress:
@@ -92,9 +88,15 @@ def detail(job: store.Job) -> JobDetail:
     )  # fmt: skip
 
 
-def _service_checks(spec: JobSpec, request: Request) -> None:
+def _remote_scheme(url: str) -> str | None:
+    """The scheme of a `scheme://...` URL, as written; None for anything else (a path, or an MLflow URI such as
+    `models:/name@alias`, which the spec checks itself and no `allowed_schemes` names)."""
+    end = scheme_end(url)
+    return url[: end - 1] if end and url[end:].startswith("//") else None
+
+
+def _service_checks(spec: JobSpec, settings: Settings, manager: JobManager) -> None:
     """What the service adds to spec validation: absolute local paths, allowed roots and schemes."""
-    settings = request.app.state.settings
     errors = [
         {"loc": loc, "msg": f"local path {path!r} must be absolute when submitted to the service"}
         for loc, path in local_paths(spec)
@@ -106,14 +108,13 @@ def _service_checks(spec: JobSpec, request: Request) -> None:
         for part in loc.split("."):
             value = value.get(part) if isinstance(value, dict) else None
         for url in [value] if isinstance(value, str) else list(value or []):
-            m = _SCHEME.match(url)
-            if m and m.group(1).lower() not in settings.allowed_schemes:
-                errors.append({"loc": loc, "msg": f"scheme {m.group(1)!r} is not allowed by this service"})
+            scheme = _remote_scheme(url)
+            if scheme and scheme.lower() not in settings.allowed_schemes:
+                errors.append({"loc": loc, "msg": f"scheme {scheme!r} is not allowed by this service"})
     if errors:
         raise SpecError(errors)
     check_allowed_roots(spec, settings.allowed_roots)
     check_spec_size(spec)
-    manager = _manager(request)
     nodes = manager.ray.nodes()  # None: the State API did not answer; the job's driver checks again
     if nodes is None:
         return
@@ -160,18 +161,20 @@ def _scoped_key(token_sha256: str, key: str | None) -> str | None:
     return hashlib.sha256(f"{token_sha256}\0{key}".encode()).hexdigest() if key else None
 
 
-def _create(request: Request, body: bytes, owner: str, key: str | None) -> JSONResponse:
+def _create(
+    settings: Settings, sessions: sessionmaker[Session], manager: JobManager, body: bytes, owner: str, key: str | None
+) -> JSONResponse:
     try:
         text = body.decode("utf-8")
     except UnicodeDecodeError:
         raise SpecError([{"loc": "", "msg": "the request body must be UTF-8 JSON or YAML"}]) from None
     spec = parse_spec(parse_text(text, "request body"))
     stored = spec.model_dump(mode="json")
-    with request.app.state.sessions() as db:  # a retry of an accepted job gets it, even if the cluster changed since
+    with sessions() as db:  # a retry of an accepted job gets it, even if the cluster changed since
         seen = store.find_by_key(db, key) if key else None
     if seen is None:
-        _service_checks(spec, request)
-    with request.app.state.sessions() as db:
+        _service_checks(spec, settings, manager)
+    with sessions() as db:
         job, created = store.create_job(  # keys are per token: one client cannot reach another's job
             db, stored, spec.name, spec.kind, owner=owner,
             idempotency_key=key,
@@ -180,7 +183,7 @@ def _create(request: Request, body: bytes, owner: str, key: str | None) -> JSONR
         raise HTTPException(status.HTTP_409_CONFLICT, f"this Idempotency-Key was used for another spec (job {job.id}); "
                             "use a new key for a new job")  # fmt: skip
     if created:
-        _manager(request).kick()
+        manager.kick()
     out = JobCreated(id=job.id, state=JobState(job.state), name=job.name, kind=JobKind(job.kind),
                      created_at=job.created_at, created=created)  # fmt: skip
     code = status.HTTP_201_CREATED if created else status.HTTP_200_OK
@@ -203,8 +206,11 @@ def _create(request: Request, body: bytes, owner: str, key: str | None) -> JSONR
     openapi_extra={"requestBody": _spec_body_schema()},
 )
 async def submit_job(
-    request: Request,
     principal: Writer,
+    request: Request,
+    settings: SettingsDep,
+    sessions: SessionsDep,
+    manager: ManagerDep,
     idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
 ) -> JSONResponse:
     """Validate and store a job spec (JSON or YAML); the job goes to Ray as soon as there is room."""
@@ -212,26 +218,26 @@ async def submit_job(
     body = await _read_body(request)
     try:
         key = _scoped_key(principal.token_sha256, idempotency_key)
-        return await run_in_threadpool(_create, request, body, principal.owner, key)
+        return await run_in_threadpool(_create, settings, sessions, manager, body, principal.owner, key)
     except SpecError as e:
         return JSONResponse({"detail": e.errors}, status_code=status.HTTP_422_UNPROCESSABLE_CONTENT)
 
 
 @router.get("", response_model=JobList, responses=_AUTH)
 def list_jobs(
-    request: Request,
     _: Reader,
+    sessions: SessionsDep,
+    manager: ManagerDep,
     state: JobState | None = None,
     kind: JobKind | None = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
     offset: Annotated[int, Query(ge=0, le=10**9)] = 0,
 ) -> JobList:
     """Jobs, newest first, optionally filtered by state and kind."""
-    with request.app.state.sessions() as db:
+    with sessions() as db:
         rows, total = store.list_jobs(
             db, state.value if state else None, kind.value if kind else None, limit, offset
         )
-        manager = _manager(request)
         try:  # reconcile what is on this page and still moving (the background loop does the rest)
             rows = [manager.refresh(db, j) if j.submitted and j.state in store.ACTIVE else j for j in rows]
         except RayUnavailable:
@@ -247,12 +253,12 @@ def _load(db: Session, job_id: str) -> store.Job:
 
 
 @router.get("/{job_id}", response_model=JobDetail, responses={404: {"model": ErrorResponse}, **_AUTH})
-def get_job(request: Request, _: Reader, job_id: JobId) -> JobDetail:
+def get_job(_: Reader, sessions: SessionsDep, manager: ManagerDep, job_id: JobId) -> JobDetail:
     """State, progress, latest metrics, ETA, MLflow run, registered model, failure reason."""
-    with request.app.state.sessions() as db:
+    with sessions() as db:
         job = _load(db, job_id)
         try:
-            job = _manager(request).refresh(db, job)
+            job = manager.refresh(db, job)
         except RayUnavailable:
             pass  # answer with what the store knows; the next reconcile catches up
         return detail(job)
@@ -264,26 +270,28 @@ def get_job(request: Request, _: Reader, job_id: JobId) -> JobDetail:
     responses={404: {"model": ErrorResponse}, 503: {"model": ErrorResponse}, **_AUTH},
 )
 def job_logs(
-    request: Request,
     _: Reader,
+    settings: SettingsDep,
+    sessions: SessionsDep,
+    manager: ManagerDep,
     job_id: JobId,
     tail: Annotated[int | None, Query(ge=1, le=100_000)] = None,
     offset: Annotated[int | None, Query(ge=0, le=10**9)] = None,
 ) -> JobLogs:
     """The job's driver log: the last `tail` lines, or every line from `offset` on (for following)."""
-    with request.app.state.sessions() as db:
+    with sessions() as db:
         job = _load(db, job_id)
         lines: list[str] = []
         if job.submitted:
             try:
-                lines = _manager(request).ray.logs(job.id).splitlines()
+                lines = manager.ray.logs(job.id).splitlines()
             except RayJobNotFound:  # Ray lost its job history (a restarted head): no log to give
                 lines = []
         end = len(lines)
         if offset is not None:
             lines = lines[offset:]
         else:
-            lines = lines[-(tail or request.app.state.settings.log_tail_lines) :]
+            lines = lines[-(tail or settings.log_tail_lines) :]
         return JobLogs(id=job.id, state=JobState(job.state), lines=lines, next_offset=end)
 
 
@@ -297,14 +305,14 @@ def job_logs(
         **_AUTH,
     },
 )
-def cancel_job(request: Request, principal: Writer, job_id: JobId) -> JobDetail:
+def cancel_job(principal: Writer, sessions: SessionsDep, manager: ManagerDep, job_id: JobId) -> JobDetail:
     """Cancel a job: at once if Ray has not started it, else Ray stops it (state follows). A token cancels the
     jobs it submitted; an admin token cancels any."""
-    with request.app.state.sessions() as db:
+    with sessions() as db:
         job = _load(db, job_id)
         legacy = job.owner == principal.name  # rows stored before owners carried the token's fingerprint
         if not principal.admin and job.owner != principal.owner and not legacy:
             raise HTTPException(status.HTTP_403_FORBIDDEN, f"job {job_id} was submitted by another token; only "
                                 "that token or an admin token may cancel it")  # fmt: skip
-        job = _manager(request).cancel(db, job)
+        job = manager.cancel(db, job)
         return detail(job)

@@ -1,6 +1,6 @@
 """The vqtrain HTTP API (FastAPI): submit, watch, cancel and list jobs, list registered models.
 
-`create_app(settings)` builds an app; `uvicorn --factory service.app:create_app` serves one from the
+`create_app(settings)` builds an app; `uvicorn --factory service.api.app:create_app` serves one from the
 environment. With no Ray address or MLflow URI configured, it starts the embedded local ones.
 """
 
@@ -16,12 +16,13 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from service import embedded, store
+from service.api.routers import jobs as jobs_router
+from service.api.routers import models as models_router
+from service.api.schemas import Health
 from service.manager import JobManager
 from service.ray_client import RayJobs, RayUnavailable
-from service.routers import jobs as jobs_router
-from service.routers import models as models_router
-from service.schemas import Health
 from service.settings import Settings
+from vqbase.local import ensure_mlflow
 
 log = logging.getLogger("vqtrain.service")
 
@@ -35,10 +36,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if not settings.tokens:
             log.warning("no API tokens configured (VQTRAIN_TOKENS): every request will get 401")
         ray_address = settings.ray_address or embedded.ensure_ray(None, settings.home)
-        mlflow_uri = settings.mlflow_uri or embedded.ensure_mlflow(settings.home)
+        mlflow_uri = settings.mlflow_uri or ensure_mlflow(settings.home)
         engine = store.make_engine(settings.resolved_store_url)
         sessions = store.session_factory(engine)
         manager = JobManager(settings, sessions, RayJobs(ray_address), mlflow_uri)
+        # what `service.api.deps` hands the routes
         app.state.settings, app.state.sessions, app.state.manager = settings, sessions, manager
         app.state.ray_address, app.state.mlflow_uri = ray_address, mlflow_uri
         try:

@@ -7,8 +7,9 @@ import json
 import pytest
 import torch
 
-from jobs.common import CheckpointClock, Worker
+from jobs.checkpoints import CheckpointClock
 from jobs.progress import Progress
+from jobs.worker import Worker
 
 
 def _cpu_worker() -> Worker:
@@ -20,13 +21,14 @@ def test_loaders_keep_local_data_under_the_allowed_roots(tmp_path, monkeypatch) 
     outside the roots: images (both stages), token shards (maskgit) and the tokenize job's input."""
     from types import SimpleNamespace
 
-    from jobs.common import JobEnv, image_loader
-    from jobs.data.storage import ALLOWED_ROOTS_ENV
+    from jobs.batches import image_loader
     from jobs.data.tokens import TokenShardWriter
+    from jobs.job import JobEnv
     from jobs.spec import parse_spec
     from jobs.tokenize import encode_split
     from jobs.train_maskgit import token_loader
     from tests.jobs.data_helpers import write_shards
+    from vqbase.protocol import ALLOWED_ROOTS_ENV
 
     images, tokens = tmp_path / "images", tmp_path / "tokens"
     write_shards(str(images), [4])
@@ -60,9 +62,9 @@ def test_loaders_keep_local_data_under_the_allowed_roots(tmp_path, monkeypatch) 
 
 def test_workers_get_the_drivers_allowed_roots(monkeypatch) -> None:
     """The roots travel in the loop config too: workers of a cluster joined by hand lack the driver's env."""
-    from jobs.common import loop_config, open_job
-    from jobs.data.storage import ALLOWED_ROOTS_ENV, allowed_roots_from_env
+    from jobs.job import loop_config, open_job
     from jobs.spec import parse_spec
+    from vqbase.protocol import ALLOWED_ROOTS_ENV, allowed_roots_from_env
 
     spec = parse_spec({"name": "t", "data": {"train": "/data/train"}})
     monkeypatch.setenv(ALLOWED_ROOTS_ENV, json.dumps(["/data"]))
@@ -79,7 +81,7 @@ def test_s3_checkpoint_storage_takes_the_same_options_as_shard_reading(s3_server
     reach the shard reader: checkpoints land on the configured endpoint, not on some default store."""
     import pyarrow.fs
 
-    from jobs.common import checkpoint_storage
+    from jobs.checkpoints import checkpoint_storage
     from tests import servers
 
     flat = {"endpoint_url": s3_server, "aws_access_key_id": servers.S3_KEY, "aws_secret_access_key": servers.S3_SECRET}
@@ -137,7 +139,7 @@ def _skip_counting_rank(rank: int, port: int, out: str) -> None:
 
     import torch.distributed as dist
 
-    from jobs.common import TrainBatches
+    from jobs.batches import TrainBatches
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
@@ -179,7 +181,7 @@ def test_checkpoint_clock_by_steps_minutes_and_the_last_step(monkeypatch) -> Non
     """Checkpoints every `every` steps, at the last step, and once `every_minutes` have passed since the last
     one: the time rule is looked at only every TIME_CHECK_EVERY steps (ranks agree there) and restarts at
     each checkpoint."""
-    import jobs.common as common
+    import jobs.checkpoints as common
 
     now = [1000.0]
     monkeypatch.setattr(common.time, "monotonic", lambda: now[0])
@@ -215,7 +217,7 @@ def _clock_rank(rank: int, port: int, out: str) -> None:
     """Rank 1's clock has run past the window, rank 0's has not: both must checkpoint at the same step."""
     import torch.distributed as dist
 
-    import jobs.common as common
+    import jobs.checkpoints as common
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     clock = CheckpointClock(every=1000, every_minutes=1, steps=1000, device=torch.device("cpu"))
@@ -228,7 +230,7 @@ def _clock_rank(rank: int, port: int, out: str) -> None:
 def test_ranks_agree_on_a_wall_clock_checkpoint(tmp_path) -> None:
     """`ray.train.report` is a barrier: a rank checkpointing alone would hang the job. The time rule is one
     MAX all-reduce, so the rank whose clock is late decides for all."""
-    import jobs.common as common
+    import jobs.checkpoints as common
 
     _run_two_ranks(_clock_rank, tmp_path)
     due = [torch.load(tmp_path / f"clock{r}.pt") for r in range(2)]

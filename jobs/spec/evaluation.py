@@ -13,27 +13,26 @@ import re
 
 from pydantic import Field, field_validator, model_validator
 
-from jobs.spec_sections import _SCHEME, _Strict, check_url
+from jobs.spec.fields import StrictModel, check_url
+from vqbase.uris import MLFLOW_SCHEMES, scheme_end, url_scheme
 
 DEFAULT_STEPS = 8
 DEFAULT_GUIDANCE = 3.0
 DEFAULT_TEMPERATURE = 1.0
 DEFAULT_CHOICE_TEMPERATURE = 4.5
-MLFLOW_SCHEMES = ("models", "runs", "mlflow-artifacts")
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 
 
 def check_weights_url(url: str) -> str:
     """A weights location: what `check_url` allows, plus MLflow artifact URIs."""
-    m = _SCHEME.match(url or "")
-    if m and m.group(1).lower() in MLFLOW_SCHEMES:
-        if not url[m.end():].startswith("/") or len(url) > 1000:
+    if url_scheme(url) in MLFLOW_SCHEMES:
+        if not url[scheme_end(url):].startswith("/") or len(url) > 1000:
             raise ValueError(f"{url!r}: an MLflow artifact URI looks like models:/name@alias/path or runs:/<id>/path")
         return url
     return check_url(url)
 
 
-class EvaluationSpec(_Strict):
+class EvaluationSpec(StrictModel):
     """Feature networks (by weights location) and the sampling protocol of generator metrics."""
 
     fid_weights: str | None = Field(

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, HTTPException, Query, Request, status
+from fastapi import APIRouter, HTTPException, Query, status
 
 from service import registry
-from service.auth import Reader
-from service.schemas import ErrorResponse, ModelList
+from service.api.deps import MlflowUriDep, Reader
+from service.api.schemas import ErrorResponse, ModelList
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
 
@@ -17,12 +17,11 @@ router = APIRouter(prefix="/v1/models", tags=["models"])
     "", response_model=ModelList, responses={401: {"model": ErrorResponse}, 503: {"model": ErrorResponse}}
 )
 def list_models(
-    request: Request,
     _: Reader,
+    uri: MlflowUriDep,
     name: Annotated[str | None, Query(max_length=200, pattern=r"^[\w\-.]+$")] = None,
 ) -> ModelList:
     """Registered models with their versions and aliases (pull one with `vqtrain pull NAME@ALIAS`)."""
-    uri = request.app.state.mlflow_uri
     if not uri:
         raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, "no MLflow tracking URI configured")
     try:

@@ -11,15 +11,16 @@ import json
 import os
 import re
 import sys
-import time
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from jobs.spec import SpecError, absolute_paths, parse_spec
-from service import embedded
-from service.cli_jobs import _fail, _print_spec_error, _run_child, tracking_uri
+from service.cli.common import child_env, fail, new_log, print_spec_error, print_tail, run_child
+from vqbase.local import tracking_uri
+from vqbase.protocol import SPEC_ENV
+from vqbase.uris import parse_model_uri
 
 HEADLINE = ("rfid", "psnr", "ssim", "lpips", "fid", "inception_score", "class_acc", "classifier_fd", "nll",
             "unigram_entropy", "usage", "perplexity", "dead_codes", "bits_per_image", "images", "samples")
@@ -31,8 +32,8 @@ def _model_uri(ref: str) -> str:
 
 def _card_image_size(uri: str, mlflow_uri: str) -> int | None:
     """The image size the model card records (`vqtrain.card.image_size`), if any."""
-    m = re.match(r"^models:/([^/@]+)(?:@([^/]+)|/(\d+))$", uri)
-    if not m:
+    ref = parse_model_uri(uri)
+    if ref is None:
         return None
     retries = os.environ.get("MLFLOW_HTTP_REQUEST_MAX_RETRIES")
     os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "1"  # a hint, not worth minutes of back-off
@@ -40,7 +41,8 @@ def _card_image_size(uri: str, mlflow_uri: str) -> int | None:
         from mlflow import MlflowClient
 
         client = MlflowClient(mlflow_uri, registry_uri=mlflow_uri)
-        mv = client.get_model_version(m[1], m[3]) if m[3] else client.get_model_version_by_alias(m[1], m[2])
+        mv = (client.get_model_version(ref.name, str(ref.version)) if ref.version is not None
+              else client.get_model_version_by_alias(ref.name, ref.alias))
         size = (mv.tags or {}).get("vqtrain.card.image_size")
         return int(size) if size and size.isdigit() else None
     except Exception:  # noqa: BLE001 - no card: the caller's default stands
@@ -72,24 +74,22 @@ def eval_command(
 ) -> None:
     """Evaluate a registered tokenizer (PSNR, SSIM, LPIPS, rFID) or MaskGIT (FID, IS, NLL, class accuracy) and
     write the numbers onto its model card; or `vqtrain eval stats SHARDS -o ref.npz --fid-weights W`."""
-    env = embedded.without_service_secrets({**os.environ, "PYTHONUNBUFFERED": "1"})
-    log_dir = embedded.vqtrain_home() / "runs"
-    log_dir.mkdir(parents=True, exist_ok=True)
-    log_path = log_dir / f"eval-{time.strftime('%Y%m%d-%H%M%S')}.log"
+    env = child_env()
+    log_path = new_log("eval")
     if target == "stats":
         if not shards or out is None or not fid_weights:
-            raise _fail("usage: vqtrain eval stats SHARDS -o ref.npz --fid-weights WEIGHTS [--image-size N] [--num N]")
+            raise fail("usage: vqtrain eval stats SHARDS -o ref.npz --fid-weights WEIGHTS [--image-size N] [--num N]")
         cmd = [sys.executable, "-m", "jobs.eval_job", "stats", shards, "-o", str(out), "--fid-weights", fid_weights,
                "--image-size", str(image_size or 32)] + (["--num", str(num)] if num else [])
-        code, result = _run_child(cmd, env, log_path, "stats", verbose)
+        code, result = run_child(cmd, env, log_path, "stats", verbose)
         if code != 0:
-            raise _fail(f"stats failed (exit {code}); log: {log_path}", 1)
+            raise fail(f"stats failed (exit {code}); log: {log_path}", 1)
         typer.echo(json.dumps(result) if as_json else f"{result['images']} images -> {result['out']}")
         return
     if shards is not None:
-        raise _fail(f"unexpected argument {shards!r}: give the eval shards with --data")
+        raise fail(f"unexpected argument {shards!r}: give the eval shards with --data")
     if not data:
-        raise _fail("--data SHARDS is required (the eval split to judge the model on)")
+        raise fail("--data SHARDS is required (the eval split to judge the model on)")
     uri = _model_uri(target)
     name = re.sub(r"[^a-z0-9\-_.]", "-", ("eval-" + uri[len("models:/"):]).lower())[:100]
     evaluation: dict = {k: v for k, v in {
@@ -108,17 +108,15 @@ def eval_command(
         if image_size is None and (card_size := _card_image_size(uri, mlflow_uri)):
             spec = parse_spec({**doc, "data": {**doc["data"], "image_size": card_size}})
     except SpecError as e:
-        _print_spec_error(e, "vqtrain eval")
+        print_spec_error(e, "vqtrain eval")
         raise typer.Exit(2) from None
     env["MLFLOW_TRACKING_URI"] = mlflow_uri
-    env["VQTRAIN_SPEC_JSON"] = spec.model_dump_json()
+    env[SPEC_ENV] = spec.model_dump_json()
     module = ["jobs.eval_job", "--local"] if local else ["jobs.run"]
-    code, result = _run_child([sys.executable, "-m", *module, "--spec-env", "VQTRAIN_SPEC_JSON"], env, log_path,
-                              name, verbose)
+    code, result = run_child([sys.executable, "-m", *module, "--spec-env", SPEC_ENV], env, log_path, name, verbose)
     if code != 0:
-        tail = log_path.read_text(errors="replace").splitlines()[-15:]
-        typer.echo("\n".join(tail), err=True)
-        raise _fail(f"evaluation of {uri} failed (exit {code}); full log: {log_path}", 1)
+        print_tail(log_path, 15)
+        raise fail(f"evaluation of {uri} failed (exit {code}); full log: {log_path}", 1)
     metrics = result.get("metrics") or {}
     if as_json:
         typer.echo(json.dumps(metrics))
@@ -144,26 +142,19 @@ def sample_command(
 ) -> None:
     """Sample images from a registered MaskGIT, decoded by the tokenizer version it was trained on."""
     if labels is None and per_class is None and num is None:
-        raise _fail("give --labels 3,5, --per-class N or (unconditional) --num N")
+        raise fail("give --labels 3,5, --per-class N or (unconditional) --num N")
     uri = target if target.startswith("models:/") or Path(target).exists() else _model_uri(target)
-    env = embedded.without_service_secrets({**os.environ, "PYTHONUNBUFFERED": "1", "MLFLOW_TRACKING_URI": tracking_uri()})
+    env = child_env(MLFLOW_TRACKING_URI=tracking_uri())
     cmd = [sys.executable, "-m", "jobs.sample", uri, "-o", str(out), "--seed", str(seed)]
     for flag, value in (("--labels", labels), ("--per-class", per_class), ("--num", num), ("--steps", steps),
                         ("--guidance", guidance), ("--temperature", temperature)):
         if value is not None:
             cmd += [flag, str(value)]
-    log_dir = embedded.vqtrain_home() / "runs"
-    log_dir.mkdir(parents=True, exist_ok=True)
-    log_path = log_dir / f"sample-{time.strftime('%Y%m%d-%H%M%S')}.log"
-    code, result = _run_child(cmd, env, log_path, "sample", verbose=False)
+    log_path = new_log("sample")
+    code, result = run_child(cmd, env, log_path, "sample", verbose=False)
     if code != 0:
-        tail = log_path.read_text(errors="replace").splitlines()[-10:]
-        typer.echo("\n".join(tail), err=True)
-        raise _fail(f"sampling from {uri} failed (exit {code}); log: {log_path}", code if code == 2 else 1)
+        print_tail(log_path, 10)
+        raise fail(f"sampling from {uri} failed (exit {code}); log: {log_path}", code if code == 2 else 1)
     typer.echo(f"{result['images']} images ({result['size'][0]}x{result['size'][1]}) -> {result['out']}; "
                f"grid: {result['grid']}")
 
-
-def register(app: typer.Typer) -> None:
-    app.command("eval")(eval_command)
-    app.command("sample")(sample_command)
