@@ -17,7 +17,7 @@ from __future__ import annotations
 import io
 import os
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NamedTuple, TypedDict, Unpack
 
 import numpy as np
@@ -26,7 +26,7 @@ from PIL import Image
 
 from jobs.data.manifest import resolve_shards
 from jobs.data.shards import IMAGE_EXTS
-from jobs.data.stream import ShardLoader, ShardStream, dist_info
+from jobs.data.stream import STAT_KEYS, ShardStream, dist_info
 
 
 class Batch(NamedTuple):
@@ -83,6 +83,67 @@ class ImageDecoder:
 
     def placeholder(self) -> torch.Tensor:
         return torch.zeros(3, self.size, self.size)
+
+
+def identity_collate(batch: Any) -> Any:
+    """DataLoader collate for already-batched items (module level so workers can pickle it)."""
+    return batch
+
+
+class ShardLoader:
+    """Iterable over (x, y) batches for one rank with exactly `len(self)` batches per epoch.
+
+    Wraps ShardStream in a DataLoader, sums the per-batch stats from all workers into `self.stats`
+    (`samples`, `skipped`, `bad_shards`, `retries`), and advances the epoch after each full pass.
+    """
+
+    def __init__(
+        self,
+        stream: ShardStream,
+        *,
+        num_workers: int = 2,
+        timeout: float = 300.0,
+        prefetch_factor: int = 2,
+        pin_memory: bool = False,
+        make_batch: Callable[[torch.Tensor, torch.Tensor], Any] = lambda x, y: (x, y),
+    ):
+        self.stream, self.num_workers, self.timeout = stream, num_workers, timeout
+        self.prefetch_factor, self.pin_memory, self.make_batch = prefetch_factor, pin_memory, make_batch
+        self.stats: dict[str, int] = dict.fromkeys(STAT_KEYS, 0)
+
+    def __len__(self) -> int:
+        """Batches of a full epoch (the first epoch of a resumed job yields fewer: `epoch_length`)."""
+        return self.stream.batches_per_rank
+
+    @property
+    def epoch(self) -> int:
+        return self.stream.epoch
+
+    def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
+        self.stream.set_epoch(epoch, skip_batches)
+
+    @property
+    def skipped(self) -> int:
+        """Samples skipped so far (undecodable, incomplete, or lost in an unreadable shard)."""
+        return self.stats["skipped"]
+
+    def __iter__(self) -> Iterator[Any]:
+        kwargs: dict[str, Any] = {}
+        if self.num_workers > 0:
+            kwargs = {"timeout": self.timeout, "prefetch_factor": self.prefetch_factor}
+        dl = torch.utils.data.DataLoader(
+            self.stream, batch_size=None, num_workers=self.num_workers, collate_fn=identity_collate,
+            pin_memory=self.pin_memory, **kwargs,
+        )
+        n = 0
+        for item in dl:
+            for k, v in item["stats"].items():
+                self.stats[k] += v
+            n += 1
+            yield self.make_batch(item["x"], item["y"])
+        if n != self.stream.epoch_length:
+            raise RuntimeError(f"rank {self.stream.rank}: got {n} batches, expected {self.stream.epoch_length}")
+        self.stream.set_epoch(self.stream.epoch + 1)
 
 
 class LoaderOptions(TypedDict, total=False):

@@ -18,9 +18,8 @@ import numpy as np
 import torch
 
 from jobs.data import storage
-from jobs.data.loader import Batch, LoaderOptions, open_loader
+from jobs.data.loader import Batch, LoaderOptions, ShardLoader, open_loader
 from jobs.data.manifest import Manifest
-from jobs.data.stream import ShardLoader
 from jobs.data.tario import TarShardWriter
 
 TOKENS_EXT = "tokens.npy"
