@@ -27,6 +27,7 @@ sys.path.insert(0, str(REPO))
 
 from tests import servers  # noqa: E402
 from tests.cluster.cluster import ray_cluster  # noqa: E402
+from vqbase import protocol  # noqa: E402
 from vqbase.local import start_mlflow_server  # noqa: E402
 
 CIFAR = REPO.parent / "shared" / "data" / "cifar10" / "train.tar"
@@ -81,7 +82,7 @@ def run_layout(layout: str, root: Path, train: str, bucket: str, aws: dict, mlfl
         wall = time.time() - t0
     if p.returncode:
         raise SystemExit(f"{layout}: job failed\n{p.stderr[-3000:]}")
-    result = json.loads(p.stdout.split("VQTRAIN_RESULT ", 1)[1].splitlines()[0])
+    result = protocol.parse_logs(p.stdout).result or {}
     m = MlflowClient(mlflow).get_run(result["run_id"]).data.metrics
     ips = m["train/images_per_s_steady"]
     return {

@@ -50,6 +50,7 @@ def model_kind(uri: str, tracking_uri: str | None) -> str:
 @torch.no_grad()
 def evaluate_registered(spec: Any, worker: Worker, run: Any | None, tracking_uri: str | None) -> dict[str, float | None]:
     """Every rank: the metrics of `spec.evaluate` on `spec.data.eval`; rank 0 logs them and updates the card."""
+    from vqbase.fetch import fetch_model_dir
     from vqmodels import load_generator, load_tokenizer
 
     uri = spec.evaluate
@@ -58,13 +59,13 @@ def evaluate_registered(spec: Any, worker: Worker, run: Any | None, tracking_uri
     judges = load_judges(spec.evaluation, kind, dev, spec.data.image_size, spec.data.storage_options, tracking_uri)
     judges.protocol["split"] = f"{spec.data.eval} (every image once), at {spec.data.image_size} px"
     if kind == "tokenizer":
-        tok = load_tokenizer(uri, dev, tracking_uri)
+        tok = load_tokenizer(uri, dev, tracking_uri, fetch=fetch_model_dir)
         res = tokenizer_metrics(tok, eval_batches(spec, worker), judges, dev)
         metrics = res.metrics if res is not None else {}
     else:
         from jobs.judges import sampling_protocol
 
-        net, tok = load_generator(uri, dev, tracking_uri)
+        net, tok = load_generator(uri, dev, tracking_uri, fetch=fetch_model_dir)
         judges.protocol.update(sampling_protocol(spec.evaluation, net.config.num_classes))
         conditional = net.config.num_classes > 0
         tokens = ((tok.encode(x.to(dev)), y.to(dev) if conditional else y) for x, y in eval_batches(spec, worker))

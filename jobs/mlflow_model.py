@@ -32,6 +32,7 @@ class VQTrainModel(PythonModel):
         import torch
 
         import vqmodels
+        from vqbase.fetch import fetch_model_dir  # the model's code: vqmodels and vqbase
 
         if isinstance(model_input, dict):  # a named-tensor signature hands over {"images": array} / {"labels": ...}
             model_input = next(iter(model_input.values()))
@@ -58,7 +59,7 @@ class VQTrainModel(PythonModel):
                 uri = (self.meta.get("extra") or {}).get("tokenizer")
                 if not uri:
                     raise ValueError("this MaskGIT does not record its tokenizer: ask for codes instead")
-                self.tokenizer = vqmodels.load_tokenizer(uri)
+                self.tokenizer = vqmodels.load_tokenizer(uri, fetch=fetch_model_dir)
             images = self.tokenizer.decode(codes).clamp(-1, 1)
             return ((images + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 

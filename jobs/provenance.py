@@ -16,7 +16,8 @@ from typing import Any
 from mlflow import MlflowClient
 from mlflow.entities import Dataset, DatasetInput, InputTag
 
-USER_ENV = "VQTRAIN_USER"  # set by the service: the name of the token that submitted the job
+from vqbase.protocol import USER_ENV  # set by the service: the name of the token that submitted the job
+
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 TRAINING_KIND = "custom_model_development"  # the UI's "model training" experiment type
 UI_VIEW = "workflowType=machine_learning"  # the same choice as a URL parameter, for links to existing experiments

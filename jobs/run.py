@@ -28,6 +28,7 @@ from jobs.spec import (
     parse_text,
     upgrade_stored,
 )
+from vqbase.protocol import JOB_ID_ENV, RAY_ADDRESS_ENV, read_spec_env
 
 
 def job_loop(kind: str) -> Callable[[dict[str, Any]], None]:
@@ -52,7 +53,7 @@ def job_loop(kind: str) -> Callable[[dict[str, Any]], None]:
     raise KeyError(kind)
 
 
-ADDRESS_VARS = ("VQTRAIN_RAY_ADDRESS", "RAY_ADDRESS")
+ADDRESS_VARS = (RAY_ADDRESS_ENV, "RAY_ADDRESS")
 
 
 def ray_address(environ: Mapping[str, str] | None = None) -> str | None:
@@ -121,7 +122,7 @@ def run_job(
 
     preflight(spec)
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # stdout carries progress lines
-    job_id = job_id or os.environ.get("VQTRAIN_JOB_ID") or f"{spec.name}-{uuid.uuid4().hex[:8]}"
+    job_id = job_id or os.environ.get(JOB_ID_ENV) or f"{spec.name}-{uuid.uuid4().hex[:8]}"
     tracking_uri = tracking_uri or tracking.resolve_tracking_uri()
     connect_ray()
 
@@ -265,8 +266,8 @@ class JobFailed(RuntimeError):
 
 def _read_spec(args: argparse.Namespace) -> JobSpec:
     if args.spec_env is not None:  # how the service passes it: never in argv, which /proc shows to everyone
-        text = os.environ.get(args.spec_env)
-        if not text:
+        text = read_spec_env(args.spec_env)
+        if text is None:
             raise SpecError([{"loc": "", "msg": f"--spec-env: ${args.spec_env} is not set"}])
         # how the service hands over a stored spec, which may predate today's rules
         return parse_spec(upgrade_stored(parse_text(text, f"${args.spec_env}")))

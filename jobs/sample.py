@@ -35,10 +35,11 @@ def sample_images(uri: str, labels: list[int] | None = None, per_class: int | No
 
     labels: one image per entry; per_class: that many of every class; an unconditional model takes `n`.
     Reproducible: the same arguments give the same images."""
+    from vqbase.fetch import fetch_model_dir
     from vqmodels import load_generator
 
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    net, tok = load_generator(uri, dev, tracking_uri)
+    net, tok = load_generator(uri, dev, tracking_uri, fetch=fetch_model_dir)
     return sample_with(net, tok, labels, per_class, n=n, steps=steps, guidance=guidance, temperature=temperature,
                        choice_temperature=choice_temperature, seed=seed)
 
@@ -126,11 +127,12 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError:
         print(f"--labels: {a.labels!r} is not a comma-separated list of class indices", file=sys.stderr)
         return 2
+    from vqbase.fetch import fetch_model_dir
     from vqmodels import load_generator
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        net, tok = load_generator(a.uri, device)
+        net, tok = load_generator(a.uri, device, fetch=fetch_model_dir)
         images, got = sample_with(net, tok, labels, a.per_class, n=a.num, steps=a.steps, guidance=a.guidance,
                                   temperature=a.temperature, seed=a.seed)
     except ValueError as e:

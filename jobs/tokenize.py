@@ -25,11 +25,13 @@ TOKENS_PER_SHARD = 10000
 
 def tokenize_loop(config: dict[str, Any]) -> None:
     """Ray Train entry point of a kind=tokenize job."""
+    from vqbase.fetch import fetch_model_dir
     from vqmodels import load_tokenizer
 
     env = open_job(config)
     spec, worker = env.spec, env.worker
-    tok = load_tokenizer(spec.tokenizer, map_location=worker.device, tracking_uri=env.tracking_uri)
+    tok = load_tokenizer(spec.tokenizer, map_location=worker.device, tracking_uri=env.tracking_uri,
+                         fetch=fetch_model_dir)
     out = spec.output.rstrip("/")
     outputs: dict[str, str] = {}
     totals: dict[str, float] = {}

@@ -23,6 +23,7 @@ from mlflow.entities import Metric, Param
 
 from jobs import provenance
 from jobs.spec import JobSpec, redacted, run_params
+from vqbase.fetch import resolve_version
 from vqbase.uris import parse_model_uri
 
 JOB_TAG = "vqtrain.job_id"
@@ -104,13 +105,7 @@ def pin_model_uri(client: MlflowClient, uri: str) -> str:
     ref = parse_model_uri(uri)
     if ref is None or ref.pinned:
         return uri
-    if ref.alias.lower() == "latest":  # MLflow's reserved alias: the newest version
-        versions = client.search_model_versions(f"name = '{ref.name}'")
-        if not versions:
-            raise ValueError(f"{uri}: the registered model has no versions")
-        return f"models:/{ref.name}/{max(int(v.version) for v in versions)}"
-    version = client.get_model_version_by_alias(ref.name, ref.alias).version
-    return f"models:/{ref.name}/{version}"
+    return f"models:/{ref.name}/{resolve_version(client, ref)}"
 
 
 def pin_tokenizer(client: MlflowClient, run_id: str, tokenizer: str | None) -> str | None:
@@ -324,7 +319,7 @@ class RunLogger:
                     pip_requirements=pinned_requirements(),
                     signature=signature,
                     input_example=input_example,
-                    code_paths=[str(Path(importlib.import_module("vqmodels").__file__).parent)],
+                    code_paths=[str(Path(importlib.import_module(m).__file__).parent) for m in ("vqmodels", "vqbase")],
                     step=int(step),
                     tags=origin,  # else the model says "Logged from default_worker.py" (Ray's process)
                 )

@@ -40,12 +40,14 @@ class MaskGITTask(Task):
     """A MaskGIT over the frozen tokenizer's codes, for `jobs.trainer.train`."""
 
     def __init__(self, env: JobEnv):
+        from vqbase.fetch import fetch_model_dir
         from vqmodels import load_tokenizer
         from vqmodels.maskgit import MaskGIT
 
         self.env = env
         spec, worker, o = env.spec, env.worker, env.spec.optim
-        self.tok = load_tokenizer(spec.tokenizer, map_location=worker.device, tracking_uri=env.tracking_uri)
+        self.tok = load_tokenizer(spec.tokenizer, map_location=worker.device, tracking_uri=env.tracking_uri,
+                                  fetch=fetch_model_dir)
         self.tok.requires_grad_(False)
         torch.manual_seed(o.seed)
         self.net = net = MaskGIT(maskgit_config(spec, self.tok)).to(worker.device)

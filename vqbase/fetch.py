@@ -37,18 +37,22 @@ def fetch_model_dir(uri: str, dst: str, tracking_uri: str | None = None) -> str:
         return mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=dst, tracking_uri=tracking_uri)
 
 
+def resolve_version(client: Any, ref: Any) -> str:
+    """The version a reference names now: its number; its alias's version (`latest`, MLflow's reserved alias,
+    and no alias at all: the newest). One rule for pinning a job's tokenizer and for downloads."""
+    if ref.version is not None:
+        return str(ref.version)
+    if ref.alias is not None and ref.alias.lower() != "latest":
+        return str(client.get_model_version_by_alias(ref.name, ref.alias).version)
+    found = client.search_model_versions(f"name = '{ref.name}'")
+    if not found:
+        raise ValueError(f"models:/{ref.name}: the registered model has no versions")
+    return str(max(int(v.version) for v in found))
+
+
 def _version_location(client: Any, ref: Any) -> str:
     """Where a registered version's files live (its run's artifacts, or its MLflow 3 logged model's)."""
-    if ref.version is not None:
-        version = str(ref.version)
-    elif ref.alias is not None:
-        version = client.get_model_version_by_alias(ref.name, ref.alias).version
-    else:
-        found = client.search_model_versions(f"name = '{ref.name}'")
-        if not found:
-            raise FileNotFoundError(f"models:/{ref.name}: the registered model has no versions")
-        version = str(max(int(v.version) for v in found))
-    location = client.get_model_version_download_uri(ref.name, version)
+    location = client.get_model_version_download_uri(ref.name, resolve_version(client, ref))
     if location.startswith("models:/m-"):  # a logged model's id: ask the tracking server where it lives
         location = client.get_logged_model(location.removeprefix("models:/").split("/")[0]).artifact_location
     return location

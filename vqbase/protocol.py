@@ -4,7 +4,7 @@
 A job prints `VQTRAIN_PROGRESS {json}` lines while it trains (rank 0's step, metrics and rate) and ends
 with one `VQTRAIN_RESULT {json}` line (the model URI, the run, the final metrics). Its own failures are one
 `vqtrain: <message>` line, or `invalid job spec:` followed by indented field errors. `parse_logs` reads all
-of that back from a job's log; it is the only reader.
+of that back from a job's log, `parse_line` one line of it as it comes.
 """
 
 from __future__ import annotations
@@ -93,20 +93,30 @@ def _json_after(text: str, prefix: str) -> dict[str, Any] | None:
     return value if isinstance(value, dict) else None
 
 
+def parse_line(text: str) -> tuple[str, dict[str, Any]] | None:
+    """("progress" | "result", its record) for one protocol line (also behind other text, as Ray prefixes
+    worker output), None for any other line or a record that is not a JSON object."""
+    for kind, prefix in (("progress", PROGRESS_PREFIX), ("result", RESULT_PREFIX)):
+        if prefix in text:
+            item = _json_after(text, prefix)
+            return (kind, item) if item is not None else None
+    return None
+
+
 def parse_logs(text: str) -> LogReport:
     """The latest progress, the result, and the job's own error message (`vqtrain: …` or a spec error).
     Prefixes may follow other text on a line (Ray prefixes worker output with its process name)."""
     report = LogReport()
     lines = text.splitlines()
     for i, raw in enumerate(lines):
-        if PROGRESS_PREFIX in raw:
-            item = _json_after(raw, PROGRESS_PREFIX)
-            if item is not None:
-                if report.first_progress is None or item.get("step", 0) < (report.progress or {}).get("step", 0):
-                    report.first_progress = item  # (re)started: a restart from a checkpoint resets the rate
-                report.progress = item
-        elif RESULT_PREFIX in raw:
-            report.result = _json_after(raw, RESULT_PREFIX) or report.result
+        parsed = parse_line(raw)
+        if parsed is not None and parsed[0] == "progress":
+            item = parsed[1]
+            if report.first_progress is None or item.get("step", 0) < (report.progress or {}).get("step", 0):
+                report.first_progress = item  # (re)started: a restart from a checkpoint resets the rate
+            report.progress = item
+        elif parsed is not None:
+            report.result = parsed[1]
         elif raw.startswith(SPEC_ERROR_HEADER):
             details = [d.strip() for d in lines[i + 1:][:20] if d.startswith("  ")]
             report.failure = " ".join([raw.strip(), *details])

@@ -11,7 +11,8 @@ MLFLOW_SCHEMES = ("models", "runs", "mlflow-artifacts")  # MLflow artifact URIs 
 
 _NAME = r"[A-Za-z0-9][A-Za-z0-9\-_.]*"
 _ALIAS = r"[A-Za-z0-9][A-Za-z0-9\-_]*"
-_REF = re.compile(rf"^(?P<name>{_NAME})(?:@(?P<alias>{_ALIAS})|/(?P<version>[0-9]+))?\Z")
+_VERSION = r"[0-9]{1,18}"  # a registry version number (int64); longer digit strings are no version
+_REF = re.compile(rf"^(?P<name>{_NAME})(?:@(?P<alias>{_ALIAS})|/(?P<version>{_VERSION}))?\Z")
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*):")
 
 
@@ -53,17 +54,23 @@ def parse_model_uri(uri: str | None, *, need_version: bool = True) -> ModelRef |
     return ref
 
 
-_REF_PREFIX = re.compile(rf"^models:/(?P<name>{_NAME})(?:@(?P<alias>{_ALIAS})|/(?P<version>[0-9]{{1,18}}))?(?=/|\Z)")
+_REF_PREFIX = re.compile(
+    rf"^models:/(?P<name>{_NAME})(?:@(?P<alias>{_ALIAS})|/(?P<version>{_VERSION})|/(?P<latest>(?i:latest)))?(?=/|\Z)"
+)
 
 
 def split_model_uri(uri: str) -> tuple[ModelRef | None, str]:
-    """(the reference, the path inside the model) of `models:/name@alias/sub/path` or `models:/name/3/sub`;
-    (None, "") for anything else (run URIs, `models:/m-<id>` logged models are references by name too)."""
+    """(the reference, the path inside the model) of `models:/name@alias/sub/path`, `models:/name/3/sub`,
+    `models:/name/latest/sub` or `models:/name` (the newest version); (None, "") for anything else: run URIs,
+    and MLflow's stage form `models:/name/Production`, which only MLflow itself resolves."""
     m = _REF_PREFIX.match(uri or "")
     if m is None:
         return None, ""
+    rest = uri[m.end():].strip("/")
+    if not (m["alias"] or m["version"] or m["latest"]) and rest:
+        return None, ""  # `models:/name/<stage>/...`
     ref = ModelRef(m["name"], m["alias"], int(m["version"]) if m["version"] else None)
-    return ref, uri[m.end():].strip("/")
+    return ref, rest
 
 
 def pinned_model_uri(uri: str | None) -> bool:
@@ -91,7 +98,5 @@ def scheme_end(url: str) -> int:
 
 
 def is_model_uri(uri: str | None) -> bool:
-    """True where `parse_model_uri(uri)` finds a reference, told without reading the version as a number: for
-    checking text as written (`int()` refuses a number of over 4,300 digits)."""
-    m = _REF.match(uri[len("models:/"):]) if uri and uri.startswith("models:/") else None
-    return m is not None and (m["alias"] is not None or m["version"] is not None)
+    """True where `parse_model_uri(uri)` finds a versioned or aliased reference."""
+    return parse_model_uri(uri) is not None

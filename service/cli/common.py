@@ -5,7 +5,6 @@ that `vqtrain run`, `eval` and `sample` start on this machine (its environment, 
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -17,7 +16,7 @@ import typer
 from jobs.spec import SpecError
 from service.cli.progress import ProgressBar
 from vqbase.local import vqtrain_home, without_service_secrets
-from vqbase.protocol import PROGRESS_PREFIX, RESULT_PREFIX
+from vqbase.protocol import parse_line
 
 
 def fail(msg: str, code: int = 2) -> typer.Exit:
@@ -63,13 +62,14 @@ def run_child(cmd: list[str], env: dict, log_path: Path, name: str, verbose: boo
             for line in proc.stdout:
                 log.write(line)
                 log.flush()
-                if line.startswith(PROGRESS_PREFIX):
-                    item = json.loads(line[len(PROGRESS_PREFIX) :])
+                parsed = parse_line(line)
+                if parsed is not None and parsed[0] == "progress":
+                    item = parsed[1]
                     bar.update(
                         item.get("step"), item.get("total"), item.get("metrics", {}), item.get("images_per_s")
                     )
-                elif line.startswith(RESULT_PREFIX):
-                    result = json.loads(line[len(RESULT_PREFIX) :])
+                elif parsed is not None:
+                    result = parsed[1]
                 elif verbose or line.startswith(("vqtrain:", "vqtrain note:")):
                     bar.write(line.rstrip("\n"))
         return proc.wait(), result

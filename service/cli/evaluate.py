@@ -19,7 +19,7 @@ import typer
 from jobs.spec import SpecError, absolute_paths, parse_spec
 from service.cli.common import child_env, fail, new_log, print_spec_error, print_tail, run_child
 from vqbase.local import tracking_uri
-from vqbase.protocol import SPEC_ENV
+from vqbase.protocol import SPEC_ENV, spec_env
 from vqbase.uris import parse_model_uri
 
 HEADLINE = ("rfid", "psnr", "ssim", "lpips", "fid", "inception_score", "class_acc", "classifier_fd", "nll",
@@ -111,7 +111,7 @@ def eval_command(
         print_spec_error(e, "vqtrain eval")
         raise typer.Exit(2) from None
     env["MLFLOW_TRACKING_URI"] = mlflow_uri
-    env[SPEC_ENV] = spec.model_dump_json()
+    env.update(spec_env(spec.model_dump(mode="json")))
     module = ["jobs.eval_job", "--local"] if local else ["jobs.run"]
     code, result = run_child([sys.executable, "-m", *module, "--spec-env", SPEC_ENV], env, log_path, name, verbose)
     if code != 0:
