@@ -29,7 +29,7 @@ def eval_loop(config: dict[str, Any]) -> None:
     import ray.train
 
     env = open_job(config)
-    metrics = evaluate_registered(env.spec, env.worker, env.run, config.get("tracking_uri"))
+    metrics = evaluate_registered(env.spec, env.worker, env.run, env.tracking_uri)
     ray.train.report({k: v for k, v in metrics.items() if v is not None})
 
 

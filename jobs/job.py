@@ -2,8 +2,8 @@
 `open_job` (the spec validated again, this worker's place, rank 0's MLflow run) and `finish_job` (rank 0's
 last logging and the run's close, then every rank's final report).
 
-The training kinds run their step loop in `jobs.trainer`; kind=tokenize (`jobs.tokenize`) and kind=eval
-(`jobs.eval_job`) have their own work between the two.
+The training kinds run their step loop in `jobs.trainer`; kind=tokenize (`jobs.tokenize`) has its own work
+between the two; kind=eval (`jobs.eval_job`) opens with `open_job` and makes its one report itself.
 """
 
 from __future__ import annotations

@@ -97,11 +97,9 @@ PROTOCOL_TAG = "vqtrain.eval.protocol."
 def open_judges(env: Any, kind: str) -> Judges:
     """A job's judges (every rank loads them; weights are fetched once per node). Rank 0 records on the run
     how each number is made and which metrics are left out and why (a tag and a log line each)."""
-    import os
-
     spec = env.spec
     judges = load_judges(spec.evaluation, kind, env.worker.device, spec.data.image_size, spec.data.storage_options,
-                         os.environ.get("MLFLOW_TRACKING_URI"))
+                         env.tracking_uri)
     if kind == "maskgit":
         judges.protocol.update(sampling_protocol(spec.evaluation, spec.model.num_classes or 0))
         if judges.inception is not None and judges.reference is None and not image_split(spec):

@@ -27,9 +27,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from vqbase.local import (
-    _KEEP,
     free_ports,
     http_ok,
+    keep,
     locked,
     pid_alive,
     private_file,
@@ -201,7 +201,7 @@ def start_ray_head(
             env=env,
             start_new_session=True,
         )
-    _KEEP.append(proc)
+    keep(proc)
     address = f"http://{host}:{dash_port}"
     try:
         wait_http(f"{address}/api/version", proc, log, "ray head", timeout, ray_auth_headers())

@@ -4,7 +4,6 @@ run, and download a model's tokenizer directory (`vqtrain pull`). Imports mlflow
 from __future__ import annotations
 
 import concurrent.futures
-import os
 import shutil
 import tempfile
 import threading
@@ -181,18 +180,14 @@ def _artifact_dir(model_root: Path) -> Path:
 
 def download_model(ref: str, dest: Path, tracking_uri: str) -> Path:
     """Download a registered model and copy its tokenizer (or MaskGIT) directory to `dest`."""
-    import mlflow
+    from vqbase.fetch import fetch_model_dir  # the registry of `tracking_uri`, nothing process-wide
 
     uri = model_uri(ref)
     dest = Path(dest)
     if dest.exists() and any(dest.iterdir()):
         raise FileExistsError(f"{dest} exists and is not empty")
-    # through the tracking server, not presigned URLs naming the artifact store's in-cluster address
-    os.environ.setdefault("MLFLOW_ENABLE_PROXY_MULTIPART_DOWNLOAD", "false")
-    mlflow.set_tracking_uri(tracking_uri)  # models:/ URIs resolve through the registry URI
-    mlflow.set_registry_uri(tracking_uri)
     with tempfile.TemporaryDirectory(prefix="vqtrain-pull-") as tmp:
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tmp))
+        local = Path(fetch_model_dir(uri, tmp, tracking_uri))
         src = _artifact_dir(local)
         shutil.copytree(src, dest, dirs_exist_ok=True)
     return dest

@@ -9,7 +9,6 @@ instead, which is hashed on load and never kept.
 from __future__ import annotations
 
 import hashlib
-import os
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -17,7 +16,8 @@ from typing import Annotated, Any
 from pydantic import BaseModel, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from vqbase.protocol import HOME_ENV, parse_roots
+from vqbase.local import configured_tracking_uri, home_path
+from vqbase.protocol import parse_roots
 
 
 def hash_token(token: str) -> str:
@@ -45,16 +45,12 @@ class TokenEntry(BaseModel):
         return self
 
 
-def default_home() -> Path:
-    return Path(os.environ.get(HOME_ENV) or "~/.vqtrain").expanduser()
-
-
 class Settings(BaseSettings):
     """Everything the service needs to know; `vqtrain serve` fills the gaps with embedded servers."""
 
     model_config = SettingsConfigDict(env_prefix="VQTRAIN_", extra="ignore")
 
-    home: Path = Field(default_factory=default_home, description="state directory ($VQTRAIN_HOME)")
+    home: Path = Field(default_factory=home_path, description="state directory ($VQTRAIN_HOME)")
     ray_address: str | None = Field(None, description="Ray Jobs API (http://head:8265) or cluster address")
     mlflow_uri: str | None = Field(None, description="MLflow tracking URI given to jobs and used for models")
     store_url: str | None = Field(None, description="SQLAlchemy URL of the job store; default SQLite in home")
@@ -93,8 +89,7 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _fallbacks(self) -> Settings:
-        if self.mlflow_uri is None and os.environ.get("MLFLOW_TRACKING_URI"):
-            self.mlflow_uri = os.environ["MLFLOW_TRACKING_URI"]
+        self.mlflow_uri = self.mlflow_uri or configured_tracking_uri()  # VQTRAIN_MLFLOW_URI, MLFLOW_TRACKING_URI
         return self
 
     @property

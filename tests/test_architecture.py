@@ -88,7 +88,7 @@ def test_protocol_lines_are_spelled_in_one_place():
     """The job's output lines are written and parsed through vqbase.protocol only."""
     found = [
         str(path.relative_to(ROOT))
-        for package in ("jobs", "service", "vqmodels")
+        for package in ("jobs", "service", "vqmodels", "bench", "scripts")
         for path in (ROOT / package).rglob("*.py")
         if any(f'"{word} ' in path.read_text() for word in ("VQTRAIN_PROGRESS", "VQTRAIN_RESULT", "VQTRAIN_RUN"))
     ]

@@ -29,6 +29,7 @@ def fetch_model_dir(uri: str, dst: str, tracking_uri: str | None = None) -> str:
         from mlflow import MlflowClient
     except ImportError as e:
         raise ImportError(f"{uri}: loading from MLflow needs the 'mlflow' package (pip install vqtrain[train])") from e
+    tracking_uri = tracking_uri or None  # "" too means MLflow's own configuration
     ref, inside = split_model_uri(uri)
     if ref is not None and not _LOGGED_MODEL_ID.match(ref.name):  # `models:/m-<id>`: a logged model, no registry
         location = _version_location(MlflowClient(tracking_uri, registry_uri=tracking_uri), ref)

@@ -19,7 +19,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +27,14 @@ from vqbase.protocol import HOME_ENV, MLFLOW_URI_ENV
 
 MLFLOW_STATE = "mlflow.json"
 _KEEP: list[subprocess.Popen] = []  # detached children stay referenced while this process lives
+
+
+def keep(proc: subprocess.Popen) -> subprocess.Popen:
+    """Hold a detached child for this process's life (so `stop_group` can reap it instead of leaving a zombie)."""
+    _KEEP.append(proc)
+    return proc
+
+
 # the service's own API tokens: no child needs them, and what a Ray head inherits reaches every job
 SERVICE_SECRETS = ("VQTRAIN_TOKENS", "VQTRAIN_TOKEN")
 
@@ -59,9 +67,14 @@ def write_private(path: Path, text: str) -> None:
     tmp.replace(path)
 
 
+def home_path() -> Path:
+    """`$VQTRAIN_HOME` or `~/.vqtrain`, as configured (not created: settings name it before anything runs)."""
+    return Path(os.environ.get(HOME_ENV) or "~/.vqtrain").expanduser()
+
+
 def vqtrain_home() -> Path:
-    """`$VQTRAIN_HOME` or `~/.vqtrain`, created on first use (0700: it holds the store and tokens)."""
-    home = Path(os.environ.get(HOME_ENV) or "~/.vqtrain").expanduser().resolve()
+    """`home_path()`, resolved and created on first use (0700: it holds the store and tokens)."""
+    home = home_path().resolve()
     home.mkdir(parents=True, exist_ok=True, mode=0o700)
     return home
 
@@ -220,7 +233,7 @@ def start_mlflow_server(
             cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=root, env=env,
             start_new_session=True,
         )  # fmt: skip
-    _KEEP.append(proc)
+    keep(proc)
     url = f"http://{host}:{port}"
     try:
         wait_http(f"{url}/health", proc, log, "mlflow server", timeout)
@@ -258,8 +271,13 @@ def stop_mlflow(home: Path | None = None) -> bool:
 
 
 
-def tracking_uri(environ: dict[str, str] | None = None) -> str:
-    """The MLflow server to use: `$VQTRAIN_MLFLOW_URI`, else `$MLFLOW_TRACKING_URI`, else the embedded local
-    server (started once and reused). The one place that decides it, for the CLI and for jobs run by hand."""
+def configured_tracking_uri(environ: Mapping[str, str] | None = None) -> str | None:
+    """The MLflow server the user configured: `$VQTRAIN_MLFLOW_URI`, else `$MLFLOW_TRACKING_URI`, else None."""
     env = os.environ if environ is None else environ
-    return env.get(MLFLOW_URI_ENV) or env.get("MLFLOW_TRACKING_URI") or ensure_mlflow()
+    return env.get(MLFLOW_URI_ENV) or env.get("MLFLOW_TRACKING_URI") or None
+
+
+def tracking_uri(environ: Mapping[str, str] | None = None) -> str:
+    """The MLflow server to use: the configured one, else the embedded local server (started once and reused).
+    The one place that decides it, for the CLI, the service and jobs run by hand."""
+    return configured_tracking_uri(environ) or ensure_mlflow()

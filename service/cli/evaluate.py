@@ -17,6 +17,7 @@ from typing import Annotated
 import typer
 
 from jobs.spec import SpecError, absolute_paths, parse_spec
+from service import registry
 from service.cli.common import child_env, fail, new_log, print_spec_error, print_tail, run_child
 from vqbase.local import tracking_uri
 from vqbase.protocol import SPEC_ENV, spec_env
@@ -24,10 +25,6 @@ from vqbase.uris import parse_model_uri
 
 HEADLINE = ("rfid", "psnr", "ssim", "lpips", "fid", "inception_score", "class_acc", "classifier_fd", "nll",
             "unigram_entropy", "usage", "perplexity", "dead_codes", "bits_per_image", "images", "samples")
-
-
-def _model_uri(ref: str) -> str:
-    return ref if ref.startswith("models:/") else f"models:/{ref}"
 
 
 def _card_image_size(uri: str, mlflow_uri: str) -> int | None:
@@ -90,7 +87,10 @@ def eval_command(
         raise fail(f"unexpected argument {shards!r}: give the eval shards with --data")
     if not data:
         raise fail("--data SHARDS is required (the eval split to judge the model on)")
-    uri = _model_uri(target)
+    try:
+        uri = registry.model_uri(target)  # NAME (the newest version), NAME@ALIAS, NAME/VERSION or models:/…
+    except ValueError as e:
+        raise fail(str(e)) from None
     name = re.sub(r"[^a-z0-9\-_.]", "-", ("eval-" + uri[len("models:/"):]).lower())[:100]
     evaluation: dict = {k: v for k, v in {
         "fid_weights": fid_weights, "classifier": classifier, "reference_stats": reference_stats,
@@ -143,7 +143,10 @@ def sample_command(
     """Sample images from a registered MaskGIT, decoded by the tokenizer version it was trained on."""
     if labels is None and per_class is None and num is None:
         raise fail("give --labels 3,5, --per-class N or (unconditional) --num N")
-    uri = target if target.startswith("models:/") or Path(target).exists() else _model_uri(target)
+    try:
+        uri = target if Path(target).exists() else registry.model_uri(target)
+    except ValueError as e:
+        raise fail(str(e)) from None
     env = child_env(MLFLOW_TRACKING_URI=tracking_uri())
     cmd = [sys.executable, "-m", "jobs.sample", uri, "-o", str(out), "--seed", str(seed)]
     for flag, value in (("--labels", labels), ("--per-class", per_class), ("--num", num), ("--steps", steps),

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Annotated
 
@@ -12,8 +11,7 @@ import typer
 
 from service.cli.client import find_api, request
 from service.cli.common import fail
-from vqbase.local import tracking_uri
-from vqbase.protocol import MLFLOW_URI_ENV
+from vqbase.local import configured_tracking_uri, tracking_uri
 
 
 def models(
@@ -69,7 +67,7 @@ def pull(
 def _pull_tracking_uri() -> str:
     """`vqbase.local.tracking_uri()`, except that with no MLflow configured a running service is asked for its
     own first: the models it registered live there, not in an embedded server this machine would start."""
-    if not (os.environ.get(MLFLOW_URI_ENV) or os.environ.get("MLFLOW_TRACKING_URI")):
+    if configured_tracking_uri() is None:
         api = find_api()
         if api is not None:
             return request("GET", "/v1/models", api=api)["tracking_uri"]

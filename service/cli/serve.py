@@ -14,7 +14,7 @@ from typing import Annotated
 import typer
 
 from service import embedded
-from vqbase.local import tracking_uri, write_private
+from vqbase.local import ensure_mlflow, write_private
 
 
 def local_token(home: Path) -> str:
@@ -44,8 +44,8 @@ def serve(
     settings.home = home
     typer.echo("starting Ray and MLflow (first start takes a while)…")
     settings.ray_address = embedded.ensure_ray(settings.ray_address, home, num_cpus)
-    # Settings read VQTRAIN_MLFLOW_URI / MLFLOW_TRACKING_URI already; else the embedded server in $VQTRAIN_HOME
-    settings.mlflow_uri = settings.mlflow_uri or tracking_uri()
+    # Settings read VQTRAIN_MLFLOW_URI / MLFLOW_TRACKING_URI already; else the embedded server in the settings' home
+    settings.mlflow_uri = settings.mlflow_uri or ensure_mlflow(home)
     token_note = "tokens from VQTRAIN_TOKENS"
     if not settings.tokens:
         settings.tokens = [TokenEntry(name="local-admin", sha256=hash_token(local_token(home)))]

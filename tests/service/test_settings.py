@@ -40,7 +40,7 @@ def test_token_entries_need_a_hash():
 
 
 def test_allowed_roots_are_read_like_the_jobs_read_them(monkeypatch, tmp_path):
-    """One parser (jobs.data.storage.parse_roots) for the service's roots and for the jobs it starts."""
+    """One parser (vqbase.protocol.parse_roots) for the service's roots and for the jobs it starts."""
     monkeypatch.setenv("VQTRAIN_HOME", str(tmp_path))
     monkeypatch.setenv("VQTRAIN_ALLOWED_ROOTS", f"/data{os.pathsep}/scratch")
     assert Settings().allowed_roots == ["/data", "/scratch"]

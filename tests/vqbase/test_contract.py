@@ -38,7 +38,16 @@ def test_references_round_trip_and_pinning():
 def test_split_model_uri_keeps_the_path_inside_the_model():
     assert split_model_uri("models:/w@v/inception.pth") == (ModelRef("w", "v"), "inception.pth")
     assert split_model_uri("models:/w/2/a/b.pt") == (ModelRef("w", version=2), "a/b.pt")
+    assert split_model_uri("models:/w/latest/b.pt") == (ModelRef("w"), "b.pt")  # latest: the newest version
+    assert split_model_uri("models:/w/Production") == (None, "")  # a stage: MLflow's own business
     assert split_model_uri("runs:/x/y") == (None, "")
+
+
+def test_one_version_rule():
+    """A version is at most 18 digits (int64) everywhere: a longer one is no reference (and never reaches int())."""
+    assert parse_model_uri("models:/t/" + "9" * 18) == ModelRef("t", version=int("9" * 18))
+    assert parse_model_uri("models:/t/" + "9" * 5000) is None
+    assert split_model_uri("models:/t/" + "9" * 19) == (None, "")
 
 
 @pytest.mark.parametrize(("url", "scheme"), [("S3://b/k", "s3"), ("pipe:cat x", "pipe"), ("/a/b", None), ("a/b", None)])

@@ -30,7 +30,7 @@ def registry(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
 
 
 def test_fetch_by_alias_version_and_path_inside(registry: str, tmp_path: Path) -> None:
-    for i, uri in enumerate(["models:/w@prod", "models:/w/1", "models:/w"]):
+    for i, uri in enumerate(["models:/w@prod", "models:/w/1", "models:/w", "models:/w/latest", "models:/w@latest"]):
         got = Path(fetch_model_dir(uri, str(tmp_path / f"d{i}"), registry))
         assert (got / "weights.pth").read_bytes() == b"w1"
     one = Path(fetch_model_dir("models:/w@prod/weights.pth", str(tmp_path / "f"), registry))

@@ -127,7 +127,7 @@ def test_load_tokenizer_finds_a_registered_model_through_the_given_tracking_uri(
 ) -> None:
     """`models:/name@alias` with `tracking_uri=` works in a process with no MLflow configuration: MLflow
     looks registered models up through its registry URI, which must follow the given tracking URI.
-    (A SQLite store needs no server; mlflow is imported through importlib, as vqmodels itself does.)"""
+    (A SQLite store needs no server. vqmodels asks vqbase.fetch, found through its entry point, for the files.)"""
     import importlib
 
     mlflow = importlib.import_module("mlflow")

@@ -37,22 +37,24 @@ def _timed(fn: Callable) -> Callable:
     return wrapper
 
 
-def is_distributed() -> bool:
+def group_initialized() -> bool:
+    """A torch.distributed process group exists (even of one rank: collectives then run, as no-ops). The jobs'
+    `jobs.worker.is_distributed` asks more: initialised and over one rank."""
     return dist.is_available() and dist.is_initialized()
 
 
 def world_size() -> int:
-    return dist.get_world_size() if is_distributed() else 1
+    return dist.get_world_size() if group_initialized() else 1
 
 
 def rank() -> int:
-    return dist.get_rank() if is_distributed() else 0
+    return dist.get_rank() if group_initialized() else 0
 
 
 @_timed
 def all_reduce_(t: torch.Tensor, op: str = "sum") -> torch.Tensor:
     """In-place all-reduce (sum or max); returns t for chaining."""
-    if is_distributed():
+    if group_initialized():
         dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
     return t
 
@@ -60,7 +62,7 @@ def all_reduce_(t: torch.Tensor, op: str = "sum") -> torch.Tensor:
 @_timed
 def broadcast_(t: torch.Tensor, src: int = 0) -> torch.Tensor:
     """In-place broadcast from `src`; returns t."""
-    if is_distributed():
+    if group_initialized():
         dist.broadcast(t, src=src)
     return t
 
@@ -68,7 +70,7 @@ def broadcast_(t: torch.Tensor, src: int = 0) -> torch.Tensor:
 @_timed
 def all_gather_rows(x: torch.Tensor) -> torch.Tensor:
     """Concatenate a (n_r, d) tensor from every rank (n_r may differ, 0 included), in rank order."""
-    if not is_distributed():
+    if not group_initialized():
         return x
     n = torch.tensor([x.shape[0]], device=x.device, dtype=torch.long)
     sizes = [torch.zeros_like(n) for _ in range(world_size())]
