@@ -12,6 +12,7 @@ the codes keep.
 
     .venv/bin/python bench/vq_quality.py --configs ours/default,vqp/ema_kmeans_expiry --out bench/results/vq_quality.jsonl
     .venv/bin/python bench/vq_quality.py --list
+    .venv/bin/python bench/vq_quality.py --bits 14 --configs ours/default,ours/fsq,ours/lfq,vqp/ema_kmeans_expiry,vqp/fsq,vqp/lfq
     python bench/vq_quality.py --configs ours/default --device cuda   # same runs on a GPU (seconds each)
 
 Seeds move PSNR by about ±0.15 dB; `bench/vq_quality_sweep.py` runs configurations × seeds in parallel
@@ -23,6 +24,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import math
 import tarfile
 import time
 from collections.abc import Callable
@@ -35,6 +37,7 @@ from PIL import Image
 from torch import nn
 
 from vqmodels import VectorQuantizer
+from vqmodels.quantize.options import FSQ_LEVELS
 
 ROOT = Path(__file__).resolve().parents[1]
 TAR = ROOT.parent / "shared" / "data" / "cifar10" / "train.tar"
@@ -87,11 +90,20 @@ class Decoder(nn.Sequential):
         )  # fmt: skip
 
 
+CODES = 1024  # codebook size of every configuration; `--bits` changes it (FSQ: the paper's levels for those bits)
+
+
 def _ours(**options) -> Callable[[], nn.Module]:
-    return lambda: VectorQuantizer(64, 1024, **options)
+    return lambda: VectorQuantizer(64, CODES, **options)
+
+
+def _fsq_levels() -> tuple[int, ...]:
+    return FSQ_LEVELS[CODES.bit_length() - 1]
 
 
 OURS = {f"ours/{p}": _ours(preset=p) for p in ("default", "plain", "ema", "rotation", "simvq", "huh2023")}
+OURS["ours/lfq"] = _ours(preset="lfq")
+OURS["ours/fsq"] = lambda: VectorQuantizer(64, math.prod(_fsq_levels()), preset="fsq", fsq_levels=_fsq_levels())
 
 
 def _vqp(kind: str) -> Callable[[], nn.Module]:
@@ -99,18 +111,22 @@ def _vqp(kind: str) -> Callable[[], nn.Module]:
         import vector_quantize_pytorch as vqp
 
         if kind == "simvq":
-            return vqp.SimVQ(64, 1024)
+            return vqp.SimVQ(64, CODES)
+        if kind == "fsq":
+            return vqp.FSQ(levels=list(_fsq_levels()), dim=64)
+        if kind == "lfq":  # MAGVIT-v2's entropy loss at its usual weights
+            return vqp.LFQ(dim=64, codebook_size=CODES, entropy_loss_weight=0.1, diversity_gamma=1.0)
         extra = {
             "ema": {},
             "ema_kmeans_expiry": {"kmeans_init": True, "threshold_ema_dead_code": 2},
             "ema_kmeans_expiry_rotation": {"kmeans_init": True, "threshold_ema_dead_code": 2, "rotation_trick": True},
         }[kind]
-        return vqp.VectorQuantize(64, 1024, decay=0.99, commitment_weight=1.0, **extra)
+        return vqp.VectorQuantize(64, CODES, decay=0.99, commitment_weight=1.0, **extra)
 
     return make
 
 
-VQP = {f"vqp/{k}": _vqp(k) for k in ("ema", "ema_kmeans_expiry", "ema_kmeans_expiry_rotation", "simvq")}
+VQP = {f"vqp/{k}": _vqp(k) for k in ("ema", "ema_kmeans_expiry", "ema_kmeans_expiry_rotation", "simvq", "fsq", "lfq")}
 CONFIGS = {**OURS, **VQP}
 
 
@@ -122,8 +138,10 @@ def quantize(q: nn.Module, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor,
         zq, idx, loss = out.z_q, out.indices, out.loss
     else:
         b, h, w, c = zl.shape
-        zq, idx, loss = q(zl.reshape(b, h * w, c))[:3]
-        zq, idx, loss = zq.reshape(b, h, w, c), idx.reshape(b, h, w), loss.sum()
+        out = q(zl.reshape(b, h * w, c))
+        zq, idx = out[0], out[1]
+        loss = out[2].sum() if len(out) > 2 else zq.new_zeros(())  # FSQ: no auxiliary loss
+        zq, idx = zq.reshape(b, h, w, c), idx.reshape(b, h, w)
     return zq.permute(0, 3, 1, 2), idx, loss
 
 
@@ -167,7 +185,7 @@ def run(name: str, steps: int, batch: int, seed: int, overrides: dict | None = N
         # the preset is read off the name, not by building a throwaway quantizer: its random codebook would
         # shift the random stream, and a variant would start from other weights than its preset at this seed
         preset = name.split("/", 1)[1]
-        q = VectorQuantizer(64, 1024, preset=preset, **overrides)
+        q = VectorQuantizer(64, CODES, preset=preset, **overrides)
         name = f"{name}+" + ",".join(f"{k}={v}" for k, v in overrides.items())
     else:
         q = CONFIGS[name]()
@@ -188,7 +206,8 @@ def run(name: str, steps: int, batch: int, seed: int, overrides: dict | None = N
         torch.cuda.synchronize()
     train_s = time.perf_counter() - t0
     enc.eval(), dec.eval(), q.eval()
-    counts = torch.zeros(1024, device=dev)
+    size = int(getattr(q, "codebook_size", 0) or CODES)
+    counts = torch.zeros(max(size, CODES), device=dev)
     se, correct_rec, correct_orig = 0.0, 0, 0
     with torch.no_grad():
         for i in range(0, HELD_OUT, 500):
@@ -196,7 +215,7 @@ def run(name: str, steps: int, batch: int, seed: int, overrides: dict | None = N
             zq, idx, _ = quantize(q, enc(imgs))
             rec = dec(zq).clamp(-1, 1)
             se += ((rec - imgs) / 2).pow(2).mean((1, 2, 3)).clamp_min(1e-10).log10().mul(-10).sum().item()
-            counts += torch.bincount(idx.flatten(), minlength=1024).float()
+            counts += torch.bincount(idx.flatten(), minlength=counts.numel()).float()[: counts.numel()]
             labels = torch.from_numpy(y[i : i + 500]).to(dev)
             correct_rec += (judge(rec).argmax(1) == labels).sum().item()
             correct_orig += (judge(imgs).argmax(1) == labels).sum().item()
@@ -207,6 +226,7 @@ def run(name: str, steps: int, batch: int, seed: int, overrides: dict | None = N
         "psnr_db": round(se / HELD_OUT, 2),  # mean per-image PSNR, images in [0, 1]
         "perplexity": round(perplexity, 1),
         "codes_used": int((counts > 0).sum()),
+        "codebook_size": int(math.prod(_fsq_levels())) if name.endswith("/fsq") else CODES,
         "class_acc_recon": round(correct_rec / HELD_OUT, 4),
         "class_acc_orig": round(correct_orig / HELD_OUT, 4),
         "class_retention": round(correct_rec / max(correct_orig, 1), 4),
@@ -238,8 +258,11 @@ def main() -> None:
     ap.add_argument("--set", action="append", default=[], help="option=value on top of an ours/ preset")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
+    ap.add_argument("--bits", type=int, default=10, help="codebook of 2^bits codes (FSQ: the paper's levels for it)")
     ap.add_argument("--list", action="store_true")
     args = ap.parse_args()
+    global CODES
+    CODES = 2**args.bits
     if args.list:
         print("\n".join(CONFIGS))
         return

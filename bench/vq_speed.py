@@ -4,6 +4,7 @@ bench dependency) in the same process, interleaved round by round so machine loa
 
     .venv/bin/python bench/vq_speed.py                # N=16384, dim 64, 1024 codes, fp32 CPU
     .venv/bin/python bench/vq_speed.py --rounds 30 --threads 2
+    .venv/bin/python bench/vq_speed.py --codes 16384 --dim 8 --only ours/default,ours/fsq,ours/lfq,vqp/fsq,vqp/lfq
 
 Prints one JSON document: per configuration the median seconds and the ratio to the floor.
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import platform
 import statistics
 import time
@@ -21,6 +23,7 @@ import torch
 
 from vqmodels import VectorQuantizer
 from vqmodels.quantize.kmeans import nearest
+from vqmodels.quantize.options import FSQ_LEVELS
 
 OURS: dict[str, dict] = {
     "ours/plain": {"preset": "plain"},
@@ -37,6 +40,31 @@ OURS: dict[str, dict] = {
     "ours/soft_em": {"update": "soft_em"},
     "ours/huh2023": {"preset": "huh2023"},
 }
+
+
+def _fsq_levels(codes: int) -> tuple[int, ...]:
+    """The FSQ paper's levels for the bit count nearest to `codes` (their product is about `codes`)."""
+    bits = min(FSQ_LEVELS, key=lambda b: abs(2**b - codes))
+    return FSQ_LEVELS[bits]
+
+
+def _scalar_configs(dim: int, codes: int) -> dict[str, tuple[Callable[[], torch.nn.Module], bool]]:
+    """(make, ours) of the FSQ and LFQ layers of both libraries, at about `codes` codes."""
+    levels = _fsq_levels(codes)
+    out: dict[str, tuple[Callable[[], torch.nn.Module], bool]] = {
+        "ours/fsq": (lambda: VectorQuantizer(dim, math.prod(levels), method="fsq", fsq_levels=levels), True),
+    }
+    if codes & (codes - 1) == 0:
+        out["ours/lfq"] = (lambda: VectorQuantizer(dim, codes, method="lfq"), True)
+    try:
+        import vector_quantize_pytorch as vqp
+    except ImportError:
+        return out
+    out["vqp/fsq"] = (lambda: vqp.FSQ(levels=list(levels), dim=dim), False)
+    if codes & (codes - 1) == 0:
+        out["vqp/lfq"] = (lambda: vqp.LFQ(dim=dim, codebook_size=codes, entropy_loss_weight=0.1, diversity_gamma=1.0),
+                          False)
+    return out
 
 
 def _vqp_configs(dim: int, codes: int) -> dict[str, Callable[[], torch.nn.Module]]:
@@ -64,9 +92,9 @@ def _step_fn(module: torch.nn.Module, z: torch.Tensor, g: torch.Tensor, ours: bo
         out = module(zz)
         if ours:
             loss = (out.z_q * g).sum() + out.loss
-        else:
-            quantized, loss_vq = out[0], out[-1]
-            loss = (quantized * g).sum() + loss_vq.sum()
+        else:  # (quantized, indices[, aux loss]); FSQ has no loss
+            quantized = out[0]
+            loss = (quantized * g).sum() + (out[2].sum() if len(out) > 2 else 0.0)
         loss.backward()
         for p in params:
             p.grad = None
@@ -101,6 +129,12 @@ def main() -> None:
         q.train()
         q(z[:4096])  # warm-up step: k-means init and first-call costs are not steady-state
         steps[name] = _step_fn(q, z, g, ours=True)
+    for name, (make, ours) in _scalar_configs(args.dim, args.codes).items():
+        m = make()
+        m.train()
+        zz, gg = (z, g) if ours else (z[None], g[None])
+        _step_fn(m, zz, gg, ours)()
+        steps[name] = _step_fn(m, zz, gg, ours)
     for name, make in _vqp_configs(args.dim, args.codes).items():
         m = make()
         m.train()

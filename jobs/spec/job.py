@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Mapping
 from typing import Any, Literal
@@ -106,6 +107,7 @@ class JobSpec(StrictModel):
                     "data.image_size",
                     f"must be divisible by the downsampling factor {downsample} (2 ** (len(channel_mult) - 1))",
                 )
+            self._implicit_codebook_rules()
         else:
             if self.tokenizer is None:
                 raise FieldError(
@@ -119,6 +121,16 @@ class JobSpec(StrictModel):
             elif self.output is None:
                 raise FieldError("output", "required for kind=tokenize (where the token shards go)")
         return self
+
+    def _implicit_codebook_rules(self) -> None:
+        """FSQ's codebook is the product of its levels, LFQ's a power of two: checked here, where both the
+        quantizer section and the model's codebook_size are known."""
+        q, k = self.quantizer, self.model.codebook_size
+        if q.method == "fsq" and math.prod(q.fsq_levels) != k:
+            raise FieldError("quantizer.fsq_levels", f"{list(q.fsq_levels)} give {math.prod(q.fsq_levels)} codes, but "
+                             f"model.codebook_size is {k}: it must equal the product of the levels")
+        if q.method == "lfq" and (k < 2 or k & (k - 1)):
+            raise FieldError("model.codebook_size", f"LFQ has 2^bits codes; {k} is not a power of two")
 
     @property
     def model_name(self) -> str:

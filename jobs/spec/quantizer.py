@@ -43,6 +43,10 @@ class _QuantizerBase(StrictModel):
         return QuantizerOptions(**{k: getattr(self, k) for k in _OPTION_FIELDS})
 
 
+def _default(f: dataclasses.Field) -> object:
+    return f.default_factory() if f.default is dataclasses.MISSING else f.default  # type: ignore[misc]
+
+
 _HINTS = typing.get_type_hints(QuantizerOptions)
 _OPTION_FIELDS = tuple(f.name for f in dataclasses.fields(QuantizerOptions))
 QuantizerSpec = create_model(
@@ -52,7 +56,7 @@ QuantizerSpec = create_model(
     **{
         f.name: (
             _HINTS[f.name] | None,
-            Field(None, description=f"null = from the preset (plain default: {f.default!r})"),
+            Field(None, description=f"null = from the preset (plain default: {_default(f)!r})"),
         )
         for f in dataclasses.fields(QuantizerOptions)
     },

@@ -310,3 +310,21 @@ def test_a_stored_spec_with_the_old_default_alias_still_runs():
     assert "register.alias" in errors_of(stored)  # refused as a new spec...
     assert parse_spec(upgrade_stored(stored)).register.alias is None  # ...and read back as what it meant
     assert upgrade_stored({"kind": "tokenizer"}) == {"kind": "tokenizer"}
+
+
+def test_implicit_codebooks_are_checked_against_the_model():
+    """FSQ's codebook is the product of its levels, LFQ's a power of two; VQ-only options are refused by name."""
+    spec = parse_spec({**base(), "quantizer": {"preset": "fsq", "fsq_levels": [8, 8, 8, 5, 5, 5]},
+                       "model": {"codebook_size": 64000}})
+    assert spec.quantizer.method == "fsq" and spec.quantizer.options().fsq_levels == [8, 8, 8, 5, 5, 5]
+    assert parse_spec({**base(), "quantizer": {"preset": "lfq"}, "model": {"codebook_size": 16384}}).quantizer.method == "lfq"
+    for quantizer, model, loc, words in [
+        ({"preset": "fsq", "fsq_levels": [8, 8]}, {}, "quantizer.fsq_levels", "give 64 codes"),
+        ({"preset": "fsq"}, {}, "quantizer.fsq_levels", "needs levels"),
+        ({"preset": "lfq"}, {"codebook_size": 1000}, "model.codebook_size", "not a power of two"),
+        ({"method": "fsq", "fsq_levels": [4, 4]}, {"codebook_size": 16}, "quantizer.affine", "method='vq' only"),
+        ({"method": "sq"}, {}, "quantizer.method", ""),
+    ]:
+        with pytest.raises(SpecError) as e:
+            parse_spec({**base(), "quantizer": quantizer, "model": model})
+        assert e.value.errors[0]["loc"] == loc and words in e.value.errors[0]["msg"], e.value.errors

@@ -7,7 +7,7 @@ This module imports no torch on purpose: the job spec (and through it the servic
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 Estimator = Literal["ste", "rotation"]
@@ -15,12 +15,19 @@ Affine = Literal["none", "learned", "running"]
 Codebook = Literal["plain", "simvq"]
 Update = Literal["gradient", "ema", "soft_em"]
 Distance = Literal["l2", "cosine"]
+Method = Literal["vq", "fsq", "lfq"]
 
 
 @dataclass
 class QuantizerOptions:
     """Options of `VectorQuantizer`; the defaults are a bare straight-through VQ layer (preset "plain")."""
 
+    method: Method = "vq"  # "fsq": finite scalar quantization; "lfq": lookup-free (signs); both: implicit codebook
+    fsq_levels: list[int] = field(default_factory=list)  # FSQ levels per dimension, e.g. [8, 8, 8, 5, 5, 5]: their product is the codebook size
+    lfq_entropy_weight: float = 0.1  # LFQ: weight of MAGVIT-v2's entropy loss
+    lfq_diversity: float = 1.0  # LFQ: weight of the codebook (batch) entropy inside it
+    lfq_temperature: float = 0.01  # LFQ: T of p(c|z) = softmax(-|z - c|^2 / T)
+    lfq_commitment: float = 0.25  # LFQ: weight of |z - sg(sign(z))|^2
     beta: float = 0.95  # loss = (1-beta)*|z - sg(z_q)|^2 + beta*|sg(z) - z_q|^2
     estimator: Estimator = "ste"  # gradient to z: straight-through, or the rotation trick (Fifty et al. 2024)
     affine: Affine = "none"  # codebook used as scale*c + bias with shared parameters (Huh et al. 2023)
@@ -49,6 +56,17 @@ class QuantizerOptions:
     chunk_size: int = 1024  # rows per distance/argmin chunk (keeps the N x K block in cache)
 
 
+# FSQ levels the FSQ paper recommends per target bit count (Mentzer et al. 2023, Table 1 and appendix); the
+# codebook is their product, close to 2^bits
+FSQ_LEVELS: dict[int, tuple[int, ...]] = {
+    8: (8, 6, 5),
+    10: (8, 5, 5, 5),
+    12: (7, 5, 5, 5, 5),
+    14: (8, 8, 8, 6, 5),
+    16: (8, 8, 8, 5, 5, 5),
+    18: (8, 8, 8, 8, 8, 8),
+}
+
 PRESETS: dict[str, dict[str, Any]] = {
     # bare straight-through VQ (van den Oord et al. 2017)
     "plain": {},
@@ -60,6 +78,10 @@ PRESETS: dict[str, dict[str, Any]] = {
         "replace_every": 20,
         "beta": 0.95,
     },
+    # finite scalar quantization (Mentzer et al. 2023): name fsq_levels too, e.g. [8, 8, 8, 5, 5, 5] for 64,000 codes
+    "fsq": {"method": "fsq"},
+    # lookup-free quantization (MAGVIT-v2): codebook_size = 2^bits, with its entropy loss
+    "lfq": {"method": "lfq"},
     # the classic recipe: EMA codebook, k-means init, dead-code replacement
     "ema": {"update": "ema", "kmeans_init": True, "replace_every": 20},
     # rotation-trick gradients on top of the default recipe
@@ -92,6 +114,8 @@ def resolve_options(preset: str | None = None, **options: Any) -> QuantizerOptio
     if unknown:
         raise ValueError(f"unknown quantizer option(s) {unknown}; known: {list(OPTION_NAMES)}")
     merged = {**PRESETS.get(preset or "plain", {}), **options}
+    if merged.get("fsq_levels") is not None:
+        merged["fsq_levels"] = [int(x) for x in merged["fsq_levels"]]  # tuples too; a copy, never the caller's
     opts = QuantizerOptions(**merged)
     validate(opts)
     return opts
@@ -102,8 +126,25 @@ def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
         raise ValueError(f"{name}: {value!r} is not one of {list(allowed)}")
 
 
+VQ_ONLY = {  # options that shape a learned codebook; FSQ and LFQ have none
+    "estimator": "ste", "affine": "none", "sync_nu": 0.0, "alternating": False, "kmeans_init": False,
+    "replace_every": 0, "codebook": "plain", "update": "gradient", "distance": "l2",
+}
+
+
 def validate(o: QuantizerOptions) -> None:
     """Check ranges and combinations; each error names its option."""
+    _choice("method", o.method, ("vq", "fsq", "lfq"))
+    if o.method != "vq":
+        for name, plain in VQ_ONLY.items():
+            if getattr(o, name) != plain:
+                raise ValueError(f"{name}: applies to method='vq' only (an {o.method.upper()} codebook is fixed); "
+                                 f"use preset {o.method!r}, or set {name}={plain!r}")
+    if o.method == "fsq" and (not o.fsq_levels or any(int(x) < 2 for x in o.fsq_levels)):
+        raise ValueError(f"fsq_levels: method='fsq' needs levels per dimension, each >= 2 (e.g. [8, 8, 8, 5, 5, 5]), "
+                         f"got {list(o.fsq_levels)}")
+    if o.lfq_temperature <= 0 or o.lfq_entropy_weight < 0 or o.lfq_commitment < 0:
+        raise ValueError("lfq_temperature must be > 0; lfq_entropy_weight and lfq_commitment >= 0")
     _choice("estimator", o.estimator, ("ste", "rotation"))
     _choice("affine", o.affine, ("none", "learned", "running"))
     _choice("codebook", o.codebook, ("plain", "simvq"))

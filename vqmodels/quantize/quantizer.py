@@ -26,8 +26,10 @@ from vqmodels.quantize.estimators import (
 )
 from vqmodels.quantize.kmeans import kmeans, nearest, sq_distances
 from vqmodels.quantize.options import QuantizerOptions, resolve_options
+from vqmodels.quantize.scalar import FSQ, LFQ, scalar_quantizer
 
 NEVER = -(2**40)  # "last used" step of a code that was never used
+SOFT_EM_BLOCK = 1 << 26  # soft EM probabilities per block of rows (256 MiB in fp32): one block at the usual sizes
 
 
 def code_counts(idx: torch.Tensor, k: int) -> torch.Tensor:
@@ -58,7 +60,11 @@ class VectorQuantizer(nn.Module):
         self.preset = preset
         self.options: QuantizerOptions = resolve_options(preset, **options)
         o = self.options
-        self.codebook = Codebook(dim, codebook_size, o)
+        self.scalar: FSQ | LFQ | None = None
+        if o.method == "vq":
+            self.codebook = Codebook(dim, codebook_size, o)
+        else:
+            self.scalar = scalar_quantizer(dim, codebook_size, o)
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
         self.register_buffer("initialised", torch.tensor(not o.kmeans_init))
         self.register_buffer("last_used", torch.full((codebook_size,), NEVER, dtype=torch.long))
@@ -77,7 +83,11 @@ class VectorQuantizer(nn.Module):
 
     # -- public ------------------------------------------------------------------------------
     def effective_codebook(self) -> torch.Tensor:
-        """The (K, dim) codebook that inputs are matched against and decoded from."""
+        """The (K, dim) codebook that inputs are matched against and decoded from (FSQ / LFQ: every point of the
+        implicit codebook, decoded)."""
+        if self.scalar is not None:
+            with torch.autocast(self._device_type(), enabled=False):
+                return self.scalar.decode(torch.arange(self.codebook_size, device=self.step.device))
         with torch.autocast(self._device_type(), enabled=False):
             c = self.codebook()
             c = c.to(torch.promote_types(c.dtype, torch.float32))
@@ -85,11 +95,16 @@ class VectorQuantizer(nn.Module):
 
     def codes_to_vectors(self, indices: torch.Tensor) -> torch.Tensor:
         """Decode indices (any shape) to vectors (..., dim) through the effective codebook."""
+        if self.scalar is not None:
+            with torch.autocast(self._device_type(), enabled=False):
+                return self.scalar.decode(indices)
         return F.embedding(indices, self.effective_codebook())
 
     def forward(self, z: torch.Tensor) -> QuantizerOutput:
         if z.shape[-1] != self.dim:
             raise ValueError(f"VectorQuantizer expects features last with size {self.dim}, got shape {tuple(z.shape)}")
+        if self.scalar is not None:
+            return self._forward_scalar(z)
         o, training = self.options, self.training
         with torch.autocast(self._device_type(), enabled=False):  # distances and updates in fp32
             dtype = torch.promote_types(self._codebook_dtype(), torch.float32)
@@ -136,6 +151,24 @@ class VectorQuantizer(nn.Module):
                     if o.replace_every and self._step % o.replace_every == 0:
                         replaced = self._replace_dead(flat.detach())
             metrics = self._metrics(mse * self.dim, counts, replaced)
+        return QuantizerOutput(out.view(z.shape).to(z.dtype), idx.view(z.shape[:-1]), loss, metrics)
+
+    def _forward_scalar(self, z: torch.Tensor) -> QuantizerOutput:
+        """FSQ / LFQ: the implicit codebook's function of z, with the same usage bookkeeping and metrics."""
+        with torch.autocast(self._device_type(), enabled=False):
+            flat = z.reshape(-1, self.dim).float()
+            if self.training:
+                if not self._synced:
+                    self._broadcast_state()
+                self.step += 1
+                self._step += 1
+            out, idx, loss = self.scalar(flat)
+            counts = code_counts(idx, self.codebook_size)
+            if self.training:
+                with torch.no_grad():
+                    self._track_usage(counts)
+            mse = (out.detach() - flat.detach()).pow(2).mean() if flat.shape[0] else flat.new_zeros(())
+            metrics = self._metrics(mse * self.dim, counts, torch.zeros((), dtype=torch.long, device=z.device))
         return QuantizerOutput(out.view(z.shape).to(z.dtype), idx.view(z.shape[:-1]), loss, metrics)
 
     # -- loss --------------------------------------------------------------------------------
@@ -206,21 +239,33 @@ class VectorQuantizer(nn.Module):
 
     def _soft_em(self, z: torch.Tensor, codebook: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Soft EM (Roy et al. 2018): draw m codes per vector from softmax(-|z - e_k|^2 / T), output
-        their mean, and update the codebook by EMA on the soft counts. Indices are the argmax."""
+        their mean, and update the codebook by EMA on the soft counts. Indices are the argmax. Rows go in
+        blocks of at most BLOCK_ELEMENTS probabilities (one block at the usual sizes)."""
         o = self.options
+        n = max(1, z.shape[0])
+        rows = n if n * self.codebook_size <= SOFT_EM_BLOCK else max(1, SOFT_EM_BLOCK // self.codebook_size)
+        idx_parts, zq_parts = [], []
+        counts = z.new_zeros(self.codebook_size)
+        sums = z.new_zeros(self.codebook_size, self.dim)
+        for start in range(0, max(1, z.shape[0]), rows):
+            zb = z[start : start + rows]
+            with torch.no_grad():
+                probs = torch.softmax(-sq_distances(zb, codebook.detach()) / o.soft_em_temperature, dim=1)
+                idx = probs.argmax(1)
+                if zb.shape[0]:
+                    draws = torch.multinomial(probs, o.soft_em_samples, replacement=True)  # (rows, m)
+                else:
+                    draws = idx.new_zeros((0, o.soft_em_samples))
+                weights = torch.zeros_like(probs).scatter_add_(1, draws, torch.ones_like(draws, dtype=probs.dtype))
+                weights /= o.soft_em_samples
+                raw = self.codebook.to_raw(zb, idx)  # soft counts and sums in raw space
+                counts += weights.sum(0)
+                sums += weights.t() @ raw
+            idx_parts.append(idx)
+            zq_parts.append(weights @ codebook)  # mean of the drawn codes (codebook as it was when drawn)
         with torch.no_grad():
-            probs = torch.softmax(-sq_distances(z, codebook.detach()) / o.soft_em_temperature, dim=1)
-            idx = probs.argmax(1)
-            if z.shape[0]:
-                draws = torch.multinomial(probs, o.soft_em_samples, replacement=True)  # (N, m)
-            else:
-                draws = idx.new_zeros((0, o.soft_em_samples))
-            weights = torch.zeros_like(probs).scatter_add_(1, draws, torch.ones_like(draws, dtype=probs.dtype))
-            weights /= o.soft_em_samples
-            raw = self.codebook.to_raw(z, idx)  # soft counts and sums in raw space
-            self._ema_apply(weights.sum(0), weights.t() @ raw)
-        z_q = weights @ codebook  # mean of the drawn codes (codebook as it was when drawn)
-        return idx, z_q
+            self._ema_apply(counts, sums)
+        return torch.cat(idx_parts), torch.cat(zq_parts)
 
     def _alternating_step(self, z: torch.Tensor, idx: torch.Tensor) -> None:
         """One in-place step of the codebook parameters on the commitment error for the current
@@ -328,6 +373,8 @@ class VectorQuantizer(nn.Module):
 
     # -- plumbing ----------------------------------------------------------------------------
     def _codebook_dtype(self) -> torch.dtype:
+        if self.scalar is not None:
+            return torch.float32
         return self.codebook.frozen.dtype if self.options.codebook == "simvq" else self.codebook.weight.dtype
 
     def _device_type(self) -> str:
