@@ -23,19 +23,27 @@ def block_rows(k: int, chunk_size: int = 4096) -> int:
     return max(1, min(chunk_size, BLOCK_ELEMENTS // max(1, k)))
 
 
-def nearest(z: torch.Tensor, codebook: torch.Tensor, chunk_size: int = 4096) -> torch.Tensor:
-    """Index of the nearest code (squared l2) for each row of z: (N, d) x (K, d) -> (N,) long."""
+def _blocked_min(z: torch.Tensor, codebook: torch.Tensor, chunk_size: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+    """(min over codes of |c|^2 - 2 z.c, its index) for each row of z, in blocks of `block_rows` rows.
+    min(1) gives the same index as argmin (first minimum), with a faster kernel on CPU."""
     c_sq = codebook.pow(2).sum(1)
     ct = codebook.t()
-    chunk_size = block_rows(codebook.shape[0], chunk_size)
-    # min(1).indices: the same index as argmin (first minimum), but a faster kernel on CPU
-    if z.shape[0] <= chunk_size:
-        return torch.addmm(c_sq, z, ct, alpha=-2.0).min(1).indices
-    out = torch.empty(z.shape[0], dtype=torch.long, device=z.device)
-    for start in range(0, z.shape[0], chunk_size):
-        block = z[start : start + chunk_size]
-        out[start : start + block.shape[0]] = torch.addmm(c_sq, block, ct, alpha=-2.0).min(1).indices
-    return out
+    rows = block_rows(codebook.shape[0], chunk_size)
+    if z.shape[0] <= rows:
+        return torch.addmm(c_sq, z, ct, alpha=-2.0).min(1)
+    values = torch.empty(z.shape[0], dtype=z.dtype, device=z.device)
+    indices = torch.empty(z.shape[0], dtype=torch.long, device=z.device)
+    for start in range(0, z.shape[0], rows):
+        block = z[start : start + rows]
+        best = torch.addmm(c_sq, block, ct, alpha=-2.0).min(1)
+        values[start : start + block.shape[0]] = best.values
+        indices[start : start + block.shape[0]] = best.indices
+    return values, indices
+
+
+def nearest(z: torch.Tensor, codebook: torch.Tensor, chunk_size: int = 4096) -> torch.Tensor:
+    """Index of the nearest code (squared l2) for each row of z: (N, d) x (K, d) -> (N,) long."""
+    return _blocked_min(z, codebook, chunk_size)[1]
 
 
 def sq_distances(z: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
@@ -46,14 +54,7 @@ def sq_distances(z: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
 
 def nearest_sq_distance(z: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
     """Squared distance of each row of z to its nearest code, (N,), in bounded blocks."""
-    c_sq = codebook.pow(2).sum(1)
-    rows = block_rows(codebook.shape[0])
-    out = torch.empty(z.shape[0], dtype=z.dtype, device=z.device)
-    for start in range(0, z.shape[0], rows):
-        block = z[start : start + rows]
-        d = torch.addmm(c_sq, block, codebook.t(), alpha=-2.0).min(1).values + block.pow(2).sum(1)
-        out[start : start + block.shape[0]] = d.clamp_min_(0.0)
-    return out
+    return (_blocked_min(z, codebook)[0] + z.pow(2).sum(1)).clamp_min_(0.0)
 
 
 def sampled_seeding(x: torch.Tensor, k: int, generator: torch.Generator | None = None,
