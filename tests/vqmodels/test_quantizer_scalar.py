@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from vqmodels import VectorQuantizer
 from vqmodels.quantize.kmeans import kmeans, nearest, sampled_seeding
@@ -69,6 +70,29 @@ def test_lfq_entropy_terms_match_their_definitions():
     expected = 0.25 * (z - z.sign().where(z != 0, torch.tensor(-1.0))).pow(2).mean() + 0.1 * (per_sample - codebook)
     assert torch.allclose(loss, expected, atol=1e-6)
     assert idx.tolist() == [1, 2, 0]  # bit i set where dimension i is positive
+
+
+@pytest.mark.parametrize("bits", [1, 5, 8])
+def test_lfq_codebook_entropy_factored_equals_the_enumerated_sum(bits, monkeypatch):
+    """The low-half × high-half matmul gives every code's batch-mean probability, in index order, in row blocks."""
+    import vqmodels.quantize.scalar as scalar
+
+    monkeypatch.setattr(scalar, "ENTROPY_CHUNK_ELEMENTS", 7 * (2 ** (bits // 2) + 2 ** (bits - bits // 2)))
+    lfq = LFQ(bits, bits, temperature=2.0)
+    z = torch.randn(40, bits, dtype=torch.float64, requires_grad=True)
+    corners = lfq.indices_to_codes(torch.arange(2**bits)).double()  # code c in index order
+    p = torch.softmax(-torch.cdist(z, corners).pow(2) / 2.0, dim=1)
+    avg = p.mean(0)
+    expected = -(avg * avg.log()).sum()
+    split = bits // 2
+    logit = 4 * z.detach() / 2.0
+    grid = scalar._code_probability_sum(F.logsigmoid(logit), F.logsigmoid(-logit), split)
+    assert torch.allclose(grid.flatten() / len(z), avg.detach(), atol=1e-12)  # index order, not only the values
+    _, got = lfq.entropy_terms(z)
+    assert torch.allclose(got, expected, atol=1e-10)
+    (g_got,) = torch.autograd.grad(got, z)
+    (g_expected,) = torch.autograd.grad(expected, z)
+    assert torch.allclose(g_got, g_expected, atol=1e-9)
 
 
 def test_sizes_must_match_the_implicit_codebook():

@@ -24,12 +24,24 @@ from torch.utils.checkpoint import checkpoint
 
 from vqmodels.quantize.options import QuantizerOptions
 
-ENTROPY_CHUNK_ELEMENTS = 1 << 22  # rows × codes per block of the LFQ codebook-entropy pass (16 MiB in fp32)
+ENTROPY_CHUNK_ELEMENTS = 1 << 22  # rows × (2^⌊k/2⌋ + 2^⌈k/2⌉) per block of the LFQ codebook-entropy pass (16 MiB)
 
 
-def _code_probability_sum(log_p: torch.Tensor, log_q: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
-    """Σ_rows p(c|z) for every code c (K,), from per-dimension log p(+1), log p(-1) (rows, k)."""
-    return (log_p @ bits.t() + log_q @ (1 - bits).t()).exp().sum(0)
+def _code_probability_sum(log_p: torch.Tensor, log_q: torch.Tensor, split: int) -> torch.Tensor:
+    """Σ_rows p(c|z) for every code c, as a (2^(k-split), 2^split) grid whose row-major order is the code index.
+
+    p(c|z) is a product over dimensions, so it factors into the low `split` bits and the high ones:
+    Σ_n p_low(c_low|z_n) p_high(c_high|z_n) is one matmul of two (rows, ~√K) probability tables. That costs
+    rows × K multiply-adds, as the plain sum does, but only rows × 2√K exponentials and no rows × K tensor."""
+    def table(lp: torch.Tensor, lq: torch.Tensor) -> torch.Tensor:  # (rows, 2^bits): every corner's probability
+        n = lp.shape[-1]
+        bits = ((torch.arange(2**n, device=lp.device).unsqueeze(-1) >> torch.arange(n, device=lp.device)) & 1)
+        b = bits.to(lp.dtype)
+        return (lp @ b.t() + lq @ (1 - b).t()).exp()
+
+    low = table(log_p[:, :split], log_q[:, :split])
+    high = table(log_p[:, split:], log_q[:, split:])
+    return high.t() @ low
 
 
 def _projections(dim: int, k: int) -> tuple[nn.Module, nn.Module]:
@@ -103,19 +115,19 @@ class LFQ(nn.Module):
 
         |z - c|² = |z|² + k - 2 z·c over the corners c ∈ {±1}^k, so p(c|z) is a product over dimensions of
         p(c_i = +1 | z) = sigmoid(4 z_i / T): the per-sample entropy is a sum of k binary entropies. The
-        batch average of p(c|z) does not factor; it is summed over all 2^k codes, in row blocks."""
+        batch average of p(c|z) does not factor into dimensions; it is summed over all 2^k codes in row blocks,
+        each block one matmul of the low-half and high-half corner probabilities (see _code_probability_sum)."""
         logit = 4 * z / self.temperature
         log_p, log_q = F.logsigmoid(logit), F.logsigmoid(-logit)  # log p(+1), log p(-1) per dimension
         per_sample = -(log_p.exp() * log_p + log_q.exp() * log_q).sum(-1).mean()
-        bits = self.indices_to_codes(torch.arange(self.codebook_size, device=z.device)) > 0  # (K, k)
-        b = bits.to(z.dtype)
-        avg = z.new_zeros(self.codebook_size)
-        rows = max(1, ENTROPY_CHUNK_ELEMENTS // self.codebook_size)
+        split = self.bits // 2
+        avg = z.new_zeros(2 ** (self.bits - split), 2**split)
+        rows = max(1, ENTROPY_CHUNK_ELEMENTS // (2**split + 2 ** (self.bits - split)))
         for start in range(0, z.shape[0], rows):
             lp, lq = log_p[start : start + rows], log_q[start : start + rows]
-            # recomputed in the backward pass: memory stays one block, never N × K
-            avg = avg + checkpoint(_code_probability_sum, lp, lq, b, use_reentrant=False)
-        avg = avg / max(1, z.shape[0])
+            # recomputed in the backward pass: memory stays one block of probability tables
+            avg = avg + checkpoint(_code_probability_sum, lp, lq, split, use_reentrant=False)
+        avg = avg.flatten() / max(1, z.shape[0])
         codebook = -(avg * avg.clamp_min(1e-12).log()).sum()
         return per_sample, codebook
 
