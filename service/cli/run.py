@@ -18,6 +18,10 @@ from vqbase.protocol import RAY_ADDRESS_ENV
 
 _HEADLINE = ("psnr", "ssim", "lpips", "rfid", "usage", "perplexity", "dead_codes", "bits_per_image", "fid",
              "inception_score", "class_acc", "nll", "unigram_entropy", "nll_vs_unigram", "images")
+# what a headline metric needs from the spec: printed when it is missing, so the user knows which field to add
+_NEEDS = {"psnr": "data.eval", "ssim": "data.eval", "nll": "data.eval", "lpips": "data.eval and evaluation.lpips_weights",
+          "rfid": "data.eval and evaluation.fid_weights", "fid": "evaluation.fid_weights",
+          "inception_score": "evaluation.fid_weights", "class_acc": "evaluation.classifier"}
 
 
 def run(
@@ -68,4 +72,8 @@ def print_result(result: dict) -> None:
         typer.echo("final evaluation:")
         for key in [k for k in _HEADLINE if k in metrics]:
             v = metrics[key]
-            typer.echo(f"  {key:<22} {'not computed (no weights named in evaluation:)' if v is None else f'{v:.6g}'}")
+            if v is None:
+                shown = f"not computed (needs {_NEEDS[key]})" if key in _NEEDS else "not computed"
+            else:
+                shown = f"{v:.6g}"
+            typer.echo(f"  {key:<22} {shown}")

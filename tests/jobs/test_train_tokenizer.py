@@ -185,6 +185,31 @@ def test_registered_tokenizer_round_trips(
     assert (pyfunc.predict(images) == direct.numpy()).all()
 
 
+@pytest.mark.parametrize(("quantizer", "codebook_size"), [({"preset": "fsq", "fsq_levels": [4, 4, 2]}, 32)])
+def test_an_implicit_codebook_tokenizer_runs_registers_and_loads(
+    quantizer: dict, codebook_size: int, ray_session: None, mlflow_url: str, mlflow_client_uri: str,
+    cifar_s3: S3Shards,
+) -> None:
+    """`method: fsq` goes through the same job, tracking and registry unchanged: codes on its implicit grid,
+    usage logged on it, the registered model encoding with the same quantizer."""
+    from mlflow import MlflowClient
+
+    import vqmodels
+    from tests.jobs.conftest import run_spec, tiny_tokenizer_spec
+
+    spec = tiny_tokenizer_spec(cifar_s3, quantizer=quantizer, model={"codebook_size": codebook_size},
+                               optim={"steps": 12, "batch_size": 16, "lr": 2e-3, "warmup_steps": 2},
+                               checkpoint={"every": 12, "keep": 1, "storage": f"{cifar_s3.bucket}/checkpoints"},
+                               tracking={"experiment": "tests", "eval_every": 12, "image_every": 12})
+    result = run_spec(spec, mlflow_url).result
+    tok = vqmodels.load_tokenizer(result["model_uri"], tracking_uri=mlflow_client_uri)
+    assert tok.quantizer.options.method == "fsq" and tok.quantizer.codebook_size == codebook_size
+    codes = tok.encode(torch.rand(3, 3, 16, 16) * 2 - 1)
+    assert codes.shape == (3, 4, 4) and 0 <= int(codes.min()) and int(codes.max()) < codebook_size
+    metrics = MlflowClient(mlflow_client_uri).get_run(result["run_id"]).data.metrics
+    assert 0 < metrics["eval/usage"] <= 1 and metrics["eval/psnr"] > 0
+
+
 def test_killed_worker_resumes_in_the_same_run(killed_tokenizer_job: KilledJob, mlflow_url: str,
                                                cifar_s3: S3Shards) -> None:
     """Rank 1's process died before step 15; the job resumed from the step-10 checkpoint on S3, ran

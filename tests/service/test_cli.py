@@ -158,3 +158,15 @@ def test_run_turns_progress_lines_into_a_result(tmp_path):
     assert log.read_text().splitlines() == lines
     rc, _ = common.run_child([sys.executable, "-c", "raise SystemExit(3)"], {}, log, "t", verbose=False)
     assert rc == 3
+
+
+def test_run_says_which_spec_field_a_missing_metric_needs(capsys):
+    from service.cli.run import print_result
+
+    print_result({"metrics": {"psnr": None, "ssim": 0.5, "rfid": None, "fid": None, "class_acc": None}})
+    out = capsys.readouterr().out
+    assert "psnr                   not computed (needs data.eval)" in out
+    assert "ssim                   0.5" in out
+    assert "rfid                   not computed (needs data.eval and evaluation.fid_weights)" in out
+    assert "fid                    not computed (needs evaluation.fid_weights)" in out
+    assert "class_acc              not computed (needs evaluation.classifier)" in out

@@ -80,8 +80,10 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
     # finite scalar quantization (Mentzer et al. 2023): name fsq_levels too, e.g. [8, 8, 8, 5, 5, 5] for 64,000 codes
     "fsq": {"method": "fsq"},
-    # lookup-free quantization (MAGVIT-v2): codebook_size = 2^bits, with its entropy loss
-    "lfq": {"method": "lfq"},
+    # lookup-free quantization (MAGVIT-v2): codebook_size = 2^bits, with its entropy loss. Measured at 14 bits
+    # (docs/BENCHMARKS.md): at the paper's T = 0.01 the sigmoids saturate at init and bits that start on one side
+    # never move (128 of 16,384 codes used); T = 0.1 and weight 0.3 keep all bits alive and gain 1 dB
+    "lfq": {"method": "lfq", "lfq_temperature": 0.1, "lfq_entropy_weight": 0.3},
     # the classic recipe: EMA codebook, k-means init, dead-code replacement
     "ema": {"update": "ema", "kmeans_init": True, "replace_every": 20},
     # rotation-trick gradients on top of the default recipe
