@@ -110,23 +110,48 @@ def run_job(
     to `out` (default stdout). Raises `JobFailed` when training fails after `resources.max_failures`
     restarts.
     """
-    import ray.train
+    import ray
     from mlflow import MlflowClient
-    from ray.train.torch import TorchConfig, TorchTrainer
 
-    from jobs import provenance, tracking
-    from jobs.checkpoints import checkpoint_storage
-    from jobs.job import loop_config
+    from jobs import tracking
     from jobs.progress import ProgressPrinter, ProgressSink
-    from vqbase.protocol import parse_roots
 
     preflight(spec)
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # stdout carries progress lines
     job_id = job_id or os.environ.get(JOB_ID_ENV) or f"{spec.name}-{uuid.uuid4().hex[:8]}"
     tracking_uri = tracking_uri or tracking.resolve_tracking_uri()
     connect_ray()
-
     client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
+    spec, result = _open_run(client, spec, job_id, tracking_uri)
+    run_id = result["run_id"]
+    sink = ProgressSink.remote()
+    trainer = _trainer(spec, job_id, run_id, tracking_uri, sink)
+    try:
+        with ProgressPrinter(sink, out):
+            fit = trainer.fit()
+    except KeyboardInterrupt:  # Ctrl-C in `vqtrain run`: the run stays resumable with the same --job-id
+        client.set_terminated(run_id, status="KILLED")
+        raise
+    except Exception as e:
+        client.set_terminated(run_id, status="FAILED")
+        raise JobFailed(f"job {job_id} failed: {e}", result) from e
+    finally:
+        ray.kill(sink)
+    if getattr(fit, "error", None) is not None:
+        client.set_terminated(run_id, status="FAILED")
+        raise JobFailed(f"job {job_id} failed: {fit.error}", result)
+    _finish(client, spec, fit, result)
+    client.set_terminated(run_id, status="FINISHED")
+    return result
+
+
+def _open_run(client: Any, spec: JobSpec, job_id: str, tracking_uri: str) -> tuple[JobSpec, dict[str, Any]]:
+    """Check cluster storage, open (or reopen) the job's MLflow run and pin every registry reference.
+
+    Returns the spec with `tokenizer:` / `evaluate:` pinned to versions, and the result record so far."""
+    from jobs import provenance, tracking
+    from vqbase.protocol import parse_roots
+
     if workers_elsewhere():  # `vqtrain run` or `ray job submit` on a cluster: what the service checks too
         exp = client.get_experiment_by_name(spec.tracking.experiment) or client.get_experiment("0")
         shared = parse_roots(os.environ.get(SHARED_ROOTS_ENV, ""))
@@ -148,13 +173,22 @@ def run_job(
         "model_uri": None,
         "job_id": job_id,
     }
+    return spec, result
+
+
+def _trainer(spec: JobSpec, job_id: str, run_id: str, tracking_uri: str, sink: Any) -> Any:
+    """The Ray Train `TorchTrainer` of this job: its loop, workers, checkpoint storage and restarts."""
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from jobs.checkpoints import checkpoint_storage
+    from jobs.job import loop_config
 
     r = spec.resources
     storage_path, storage_fs = checkpoint_storage(spec.checkpoint.storage, spec.data.storage_options)
-    sink = ProgressSink.remote()
     use_gpu = r.gpus_per_worker > 0
     resources = {"CPU": r.cpus_per_worker, **({"GPU": r.gpus_per_worker} if use_gpu else {})}
-    trainer = TorchTrainer(
+    return TorchTrainer(
         job_loop(spec.kind),
         train_loop_config=loop_config(spec, run_id=run_id, tracking_uri=tracking_uri, job_id=job_id, sink=sink),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
@@ -169,22 +203,16 @@ def run_job(
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=spec.checkpoint.keep),
         ),
     )
-    try:
-        with ProgressPrinter(sink, out):
-            fit = trainer.fit()
-    except KeyboardInterrupt:  # Ctrl-C in `vqtrain run`: the run stays resumable with the same --job-id
-        client.set_terminated(run_id, status="KILLED")
-        raise
-    except Exception as e:
-        client.set_terminated(run_id, status="FAILED")
-        raise JobFailed(f"job {job_id} failed: {e}", result) from e
-    finally:
-        ray.kill(sink)
-    if getattr(fit, "error", None) is not None:
-        client.set_terminated(run_id, status="FAILED")
-        raise JobFailed(f"job {job_id} failed: {fit.error}", result)
+
+
+def _finish(client: Any, spec: JobSpec, fit: Any, result: dict[str, Any]) -> None:
+    """Complete `result` from the finished run: the registered model, the output, the final evaluation."""
+    from jobs import tracking
+
+    run_id = result["run_id"]
     metrics = fit.metrics or {}
-    tags = client.get_run(run_id).data.tags
+    run = client.get_run(run_id)
+    tags = run.data.tags
     # Ray Train hands back the metrics of the last *checkpointed* report, so what the loops produce at
     # the very end travels through the run's tags
     result["model_uri"] = tags.get(tracking.MODEL_URI_TAG)
@@ -192,16 +220,13 @@ def run_job(
         result["output"] = tags[tracking.OUTPUT_TAG]
     if spec.kind == "eval":
         result["model"] = spec.evaluate
-        result["metrics"] = eval_result(client.get_run(run_id).data.metrics, tags.get(tracking.EVALUATED_KIND_TAG))
+        result["metrics"] = eval_result(run.data.metrics, tags.get(tracking.EVALUATED_KIND_TAG))
     elif spec.kind in ("tokenizer", "maskgit"):  # the final evaluation, for the user's terminal
-        run = client.get_run(run_id)
         result["metrics"] = eval_result(run.data.metrics, spec.kind, run.data.tags)
     if metrics.get("train/images_per_s_steady") is not None:
         result["images_per_s"] = metrics["train/images_per_s_steady"]
     if fit.checkpoint is not None:
         result["checkpoint"] = fit.checkpoint.path
-    client.set_terminated(run_id, status="FINISHED")
-    return result
 
 
 def pin_evaluated(client: Any, run_id: str, uri: str) -> str:
