@@ -12,3 +12,14 @@ py="${PYTHON:-python}"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 "$py" bench/sampling.py --device cuda --batch 1 8 32 --repeats 5 --profile --out "$out/sampling_gpu_fp32.json"
 "$py" bench/sampling.py --device cuda --batch 1 8 32 --repeats 5 --profile --dtype bfloat16 --out "$out/sampling_gpu_bf16.json"
+
+# Issue 18's quality rows at 14 and 16 bits, every configuration of bench/sweeps/large_vocab.jsonl over 3 seeds
+# (48 runs; seconds each on one GPU, a dozen at once). Needs CIFAR-10: bench/vq_quality.py reads
+# ../shared/data/cifar10/train.tar, or the decoded cache .vqtrain/cache/cifar10_train.npz (carry it), and
+# vector-quantize-pytorch (the `bench` extra). Skipped with SKIP_VQ=1.
+if [ "${SKIP_VQ:-0}" != 1 ]; then
+  for bits in 14 16; do
+    "$py" bench/vq_quality_sweep.py --jobs bench/sweeps/large_vocab.jsonl --bits "$bits" --seeds 0,1,2 \
+      --device cuda --workers 12 --out "$out/vq_quality_${bits}bit_gpu.jsonl"
+  done
+fi

@@ -8,6 +8,8 @@ On a GPU, one small autoencoder leaves the card mostly idle, so a dozen workers 
     python bench/vq_quality_sweep.py --jobs bench/sweeps/around_default.jsonl --seeds 4,5,6,7 \\
         --device cuda --workers 15 --out bench/results/vq_quality_h200.jsonl
     python bench/vq_quality_sweep.py --summary bench/results/vq_quality_h200.jsonl
+    python bench/vq_quality_sweep.py --jobs bench/sweeps/large_vocab.jsonl --bits 16 --device cuda --workers 8 \
+        --out bench/results/vq_quality_16bit_gpu.jsonl
 """
 
 from __future__ import annotations
@@ -26,12 +28,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 TARGET_PSNR, TARGET_PERPLEXITY = 24.1, 960.0  # issue 2's targets for the default preset
 
 
-def _work(job: tuple[str, dict, int, int, str]) -> dict:
-    name, overrides, seed, steps, device = job
+def _work(job: tuple[str, dict, int, int, str, int]) -> dict:
+    name, overrides, seed, steps, device, bits = job
     import torch
 
     torch.set_num_threads(1)  # many workers: one thread each
+    import bench.vq_quality as vq
     from bench.vq_quality import run
+
+    vq.CODES = 2**bits  # what `vq_quality.py --bits` sets
 
     try:
         result = run(name, steps, 128, seed, overrides or None, device)
@@ -58,10 +63,11 @@ def read_jobs(path: Path) -> list[tuple[str, dict]]:
     return jobs
 
 
-def sweep(jobs_file: Path, seeds: list[int], steps: int, device: str, workers: int, out: Path | None) -> None:
+def sweep(jobs_file: Path, seeds: list[int], steps: int, device: str, workers: int, out: Path | None,
+          bits: int = 10) -> None:
     lines = read_jobs(jobs_file)
     # seed-major order: an interrupted sweep still has every configuration at the first seeds
-    jobs = [(name, overrides, seed, steps, device) for seed in seeds for name, overrides in lines]
+    jobs = [(name, overrides, seed, steps, device, bits) for seed in seeds for name, overrides in lines]
     t0 = time.time()
     with mp.get_context("spawn").Pool(workers) as pool:
         for i, result in enumerate(pool.imap_unordered(_work, jobs), 1):
@@ -114,6 +120,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=800)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--bits", type=int, default=10, help="codebook of 2^bits codes, as in vq_quality.py")
     ap.add_argument("--out", type=Path)
     ap.add_argument("--summary", type=Path, nargs="+", help="print the table of these result files and exit")
     args = ap.parse_args()
@@ -123,7 +130,7 @@ def main() -> None:
     if not args.jobs:
         raise SystemExit("--jobs: a job file is needed (or --summary FILES)")
     seeds = [int(s) for s in args.seeds.split(",")]
-    sweep(args.jobs, seeds, args.steps, args.device, args.workers, args.out)
+    sweep(args.jobs, seeds, args.steps, args.device, args.workers, args.out, args.bits)
 
 
 if __name__ == "__main__":
