@@ -4,7 +4,6 @@
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Mapping
 from typing import Any, Literal
@@ -19,6 +18,7 @@ from jobs.spec.model import MaskGITModelSpec, ModelSpec, TokenizerModelSpec, mod
 from jobs.spec.quantizer import QuantizerSpec
 from jobs.spec.training import CheckpointSpec, OptimSpec, RegisterSpec, ResourcesSpec, TrackingSpec
 from vqbase.uris import is_model_uri, url_scheme
+from vqmodels.quantize.options import fsq_levels_for
 
 Kind = Literal["tokenizer", "maskgit", "tokenize", "eval"]
 
@@ -126,9 +126,12 @@ class JobSpec(StrictModel):
         """FSQ's codebook is the product of its levels, LFQ's a power of two: checked here, where both the
         quantizer section and the model's codebook_size are known."""
         q, k = self.quantizer, self.model.codebook_size
-        if q.method == "fsq" and math.prod(q.fsq_levels) != k:
-            raise FieldError("quantizer.fsq_levels", f"{list(q.fsq_levels)} give {math.prod(q.fsq_levels)} codes, but "
-                             f"model.codebook_size is {k}: it must equal the product of the levels")
+        if q.method == "fsq":
+            try:
+                fsq_levels_for(q.fsq_levels, k)
+            except ValueError as e:
+                msg = str(e).removeprefix("fsq_levels: ").replace("codebook_size", "model.codebook_size")
+                raise FieldError("quantizer.fsq_levels", msg) from None
         if q.method == "lfq" and (k < 2 or k & (k - 1)):
             raise FieldError("model.codebook_size", f"LFQ has 2^bits codes; {k} is not a power of two")
 

@@ -318,9 +318,12 @@ def test_implicit_codebooks_are_checked_against_the_model():
                        "model": {"codebook_size": 64000}})
     assert spec.quantizer.method == "fsq" and spec.quantizer.options().fsq_levels == [8, 8, 8, 5, 5, 5]
     assert parse_spec({**base(), "quantizer": {"preset": "lfq"}, "model": {"codebook_size": 16384}}).quantizer.method == "lfq"
+    # no levels named: the FSQ paper's for the codebook size (the layer resolves them the same way)
+    assert parse_spec({**base(), "quantizer": {"preset": "fsq"}, "model": {"codebook_size": 15360}}).quantizer.method == "fsq"
     for quantizer, model, loc, words in [
         ({"preset": "fsq", "fsq_levels": [8, 8]}, {}, "quantizer.fsq_levels", "give 64 codes"),
-        ({"preset": "fsq"}, {}, "quantizer.fsq_levels", "needs levels"),
+        ({"preset": "fsq"}, {}, "quantizer.fsq_levels", "no levels for model.codebook_size 1024"),
+        ({"preset": "fsq", "fsq_levels": [8, 1]}, {"codebook_size": 8}, "quantizer.fsq_levels", "must be >= 2"),
         ({"preset": "lfq"}, {"codebook_size": 1000}, "model.codebook_size", "not a power of two"),
         ({"method": "fsq", "fsq_levels": [4, 4]}, {"codebook_size": 16}, "quantizer.affine", "method='vq' only"),
         ({"method": "sq"}, {}, "quantizer.method", ""),

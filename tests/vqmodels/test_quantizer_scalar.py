@@ -98,6 +98,9 @@ def test_lfq_codebook_entropy_factored_equals_the_enumerated_sum(bits, monkeypat
 def test_sizes_must_match_the_implicit_codebook():
     with pytest.raises(ValueError, match="fsq_levels: .* give 64 codes"):
         VectorQuantizer(8, 100, method="fsq", fsq_levels=[4, 4, 4])
+    with pytest.raises(ValueError, match="fsq_levels: none given, .* no levels for codebook_size 100;"):
+        VectorQuantizer(8, 100, method="fsq")
+    assert VectorQuantizer(8, 1000, method="fsq").scalar.levels == [8, 5, 5, 5]  # the paper's, for 1,000 codes
     with pytest.raises(ValueError, match="codebook_size: LFQ has 2\\^bits codes"):
         VectorQuantizer(8, 100, method="lfq")
     with pytest.raises(ValueError, match="kmeans_init: applies to method='vq' only"):

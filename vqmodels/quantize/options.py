@@ -7,6 +7,7 @@ This module imports no torch on purpose: the job spec (and through it the servic
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -23,7 +24,7 @@ class QuantizerOptions:
     """Options of `VectorQuantizer`; the defaults are a bare straight-through VQ layer (preset "plain")."""
 
     method: Method = "vq"  # "fsq": finite scalar quantization; "lfq": lookup-free (signs); both: implicit codebook
-    fsq_levels: list[int] = field(default_factory=list)  # FSQ levels per dimension, e.g. [8, 8, 8, 5, 5, 5]: their product is the codebook size
+    fsq_levels: list[int] = field(default_factory=list)  # FSQ levels per dimension, e.g. [8, 8, 8, 5, 5, 5]: their product is the codebook size; [] = the paper's levels for codebook_size (FSQ_LEVELS)
     lfq_entropy_weight: float = 0.1  # LFQ: weight of MAGVIT-v2's entropy loss
     lfq_diversity: float = 1.0  # LFQ: weight of the codebook (batch) entropy inside it
     lfq_temperature: float = 0.01  # LFQ: T of p(c|z) = softmax(-|z - c|^2 / T)
@@ -67,6 +68,31 @@ FSQ_LEVELS: dict[int, tuple[int, ...]] = {
     18: (8, 8, 8, 8, 8, 8),
 }
 
+def fsq_levels_for(levels: list[int], codebook_size: int) -> list[int]:
+    """`levels`, or when none are given the FSQ paper's levels for `codebook_size`; a ValueError naming the field
+    when the product does not match (a spec reports it under `quantizer.fsq_levels`)."""
+    if not levels:
+        paper = [list(v) for v in FSQ_LEVELS.values() if math.prod(v) == codebook_size]
+        if not paper:
+            raise ValueError(f"fsq_levels: none given, and the FSQ paper has no levels for codebook_size "
+                             f"{codebook_size}; name them ({fsq_levels_hint(codebook_size)})")
+        return paper[0]
+    levels = [int(x) for x in levels]
+    if math.prod(levels) != codebook_size:
+        raise ValueError(f"fsq_levels: {levels} give {math.prod(levels)} codes, but codebook_size is {codebook_size}; "
+                         f"codebook_size must equal the product of the levels ({fsq_levels_hint(codebook_size)})")
+    return levels
+
+
+def fsq_levels_hint(codebook_size: int) -> str:
+    """What to write instead, for an error about fsq_levels that do not give `codebook_size` codes."""
+    for levels in FSQ_LEVELS.values():
+        if math.prod(levels) == codebook_size:
+            return f"the FSQ paper's levels for {codebook_size} codes are {list(levels)}"
+    table = "; ".join(f"{list(v)} = {math.prod(v):,}" for v in FSQ_LEVELS.values())
+    return f"the FSQ paper's levels: {table}"
+
+
 PRESETS: dict[str, dict[str, Any]] = {
     # bare straight-through VQ (van den Oord et al. 2017)
     "plain": {},
@@ -78,7 +104,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         "replace_every": 20,
         "beta": 0.95,
     },
-    # finite scalar quantization (Mentzer et al. 2023): name fsq_levels too, e.g. [8, 8, 8, 5, 5, 5] for 64,000 codes
+    # finite scalar quantization (Mentzer et al. 2023): the paper's levels for codebook_size (1,000, 15,360, 64,000, ...),
+    # or name fsq_levels, e.g. [8, 8, 8, 5, 5, 5] for 64,000 codes
     "fsq": {"method": "fsq"},
     # lookup-free quantization (MAGVIT-v2): codebook_size = 2^bits, with its entropy loss. Measured at 14 bits
     # (docs/BENCHMARKS.md): at the paper's T = 0.01 the sigmoids saturate at init and bits that start on one side
@@ -142,9 +169,8 @@ def validate(o: QuantizerOptions) -> None:
             if getattr(o, name) != plain:
                 raise ValueError(f"{name}: applies to method='vq' only (an {o.method.upper()} codebook is fixed); "
                                  f"use preset {o.method!r}, or set {name}={plain!r}")
-    if o.method == "fsq" and (not o.fsq_levels or any(int(x) < 2 for x in o.fsq_levels)):
-        raise ValueError(f"fsq_levels: method='fsq' needs levels per dimension, each >= 2 (e.g. [8, 8, 8, 5, 5, 5]), "
-                         f"got {list(o.fsq_levels)}")
+    if o.method == "fsq" and any(int(x) < 2 for x in o.fsq_levels):
+        raise ValueError(f"fsq_levels: each level must be >= 2 (e.g. [8, 8, 8, 5, 5, 5]), got {list(o.fsq_levels)}")
     if o.lfq_temperature <= 0 or o.lfq_entropy_weight < 0 or o.lfq_commitment < 0:
         raise ValueError("lfq_temperature must be > 0; lfq_entropy_weight and lfq_commitment >= 0")
     _choice("estimator", o.estimator, ("ste", "rotation"))

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from vqmodels.quantize.options import QuantizerOptions
+from vqmodels.quantize.options import QuantizerOptions, fsq_levels_for
 
 ENTROPY_CHUNK_ELEMENTS = 1 << 22  # rows × (2^⌊k/2⌋ + 2^⌈k/2⌉) per block of the LFQ codebook-entropy pass (16 MiB)
 
@@ -150,11 +150,7 @@ class LFQ(nn.Module):
 def scalar_quantizer(dim: int, codebook_size: int, o: QuantizerOptions) -> FSQ | LFQ:
     """The FSQ or LFQ layer of `o.method`; codebook_size must be what its levels or bits give."""
     if o.method == "fsq":
-        levels = [int(x) for x in o.fsq_levels]
-        if math.prod(levels) != codebook_size:
-            raise ValueError(f"fsq_levels: {levels} give {math.prod(levels)} codes, but codebook_size is {codebook_size}; "
-                             "codebook_size must equal the product of the levels")
-        return FSQ(dim, levels)
+        return FSQ(dim, fsq_levels_for(o.fsq_levels, codebook_size))
     bits = codebook_size.bit_length() - 1
     if codebook_size < 2 or 2**bits != codebook_size:
         raise ValueError(f"codebook_size: LFQ has 2^bits codes, got {codebook_size} (not a power of two)")
