@@ -25,6 +25,7 @@ import argparse
 import io
 import json
 import math
+import os
 import tarfile
 import time
 from collections.abc import Callable
@@ -40,7 +41,8 @@ from vqmodels import VectorQuantizer
 from vqmodels.quantize.options import FSQ_LEVELS
 
 ROOT = Path(__file__).resolve().parents[1]
-TAR = ROOT.parent / "shared" / "data" / "cifar10" / "train.tar"
+# $VQTRAIN_CIFAR_TAR where the tar lies elsewhere (a device machine gets only the repository)
+TAR = Path(os.environ.get("VQTRAIN_CIFAR_TAR") or ROOT.parent / "shared" / "data" / "cifar10" / "train.tar")
 CACHE = ROOT / ".vqtrain" / "cache"
 HELD_OUT = 5000
 
