@@ -15,7 +15,7 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
 # Issue 18's quality rows at 14 and 16 bits, every configuration of bench/sweeps/large_vocab.jsonl over 3 seeds
 # (48 runs; seconds each on one GPU, a dozen at once). Needs CIFAR-10: bench/vq_quality.py reads
-# ../shared/data/cifar10/train.tar, or the decoded cache .vqtrain/cache/cifar10_train.npz (carry it), and
+# $VQTRAIN_CIFAR_TAR, else ../shared/data/cifar10/train.tar (74 MiB: carry it in two halves), and
 # vector-quantize-pytorch (the `bench` extra). Skipped with SKIP_VQ=1.
 if [ "${SKIP_VQ:-0}" != 1 ]; then
   for bits in 14 16; do
