@@ -54,7 +54,7 @@ def load_cifar() -> tuple[np.ndarray, np.ndarray]:
         d = np.load(cache)
         return d["x"], d["y"]
     if not TAR.exists():
-        raise FileNotFoundError(f"CIFAR-10 tar not found at {TAR} (expected ../shared/data/cifar10/train.tar)")
+        raise FileNotFoundError(f"CIFAR-10 tar not found at {TAR} (../shared/data/cifar10/train.tar, or $VQTRAIN_CIFAR_TAR)")
     xs, ys, classes = [], [], {}
     with tarfile.open(TAR) as tf:
         for m in tf:
@@ -68,7 +68,9 @@ def load_cifar() -> tuple[np.ndarray, np.ndarray]:
     x, y = np.stack(xs), np.array([order[c] for c in ys])
     perm = np.random.default_rng(0).permutation(len(x))  # fixed split, classes mixed
     CACHE.mkdir(parents=True, exist_ok=True)
-    np.savez(cache, x=x[perm], y=y[perm])
+    tmp = cache.with_suffix(f".{os.getpid()}.npz")  # sweep workers decode at once: each renames a whole file
+    np.savez(tmp, x=x[perm], y=y[perm])
+    os.replace(tmp, cache)
     return x[perm], y[perm]
 
 

@@ -114,6 +114,7 @@ def run_job(
     from mlflow import MlflowClient
 
     from jobs import tracking
+    from jobs.checkpoints import checkpoint_storage
     from jobs.progress import ProgressPrinter, ProgressSink
 
     preflight(spec)
@@ -124,8 +125,9 @@ def run_job(
     client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
     spec, result = _open_run(client, spec, job_id, tracking_uri)
     run_id = result["run_id"]
+    storage = checkpoint_storage(spec.checkpoint.storage, spec.data.storage_options)  # may fail: before the actor
     sink = ProgressSink.remote()
-    trainer = _trainer(spec, job_id, run_id, tracking_uri, sink)
+    trainer = _trainer(spec, job_id, run_id, tracking_uri, sink, storage)
     try:
         with ProgressPrinter(sink, out):
             fit = trainer.fit()
@@ -176,16 +178,16 @@ def _open_run(client: Any, spec: JobSpec, job_id: str, tracking_uri: str) -> tup
     return spec, result
 
 
-def _trainer(spec: JobSpec, job_id: str, run_id: str, tracking_uri: str, sink: Any) -> Any:
+def _trainer(spec: JobSpec, job_id: str, run_id: str, tracking_uri: str, sink: Any,
+             storage: tuple[str, Any]) -> Any:
     """The Ray Train `TorchTrainer` of this job: its loop, workers, checkpoint storage and restarts."""
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from jobs.checkpoints import checkpoint_storage
     from jobs.job import loop_config
 
     r = spec.resources
-    storage_path, storage_fs = checkpoint_storage(spec.checkpoint.storage, spec.data.storage_options)
+    storage_path, storage_fs = storage
     use_gpu = r.gpus_per_worker > 0
     resources = {"CPU": r.cpus_per_worker, **({"GPU": r.gpus_per_worker} if use_gpu else {})}
     return TorchTrainer(
@@ -208,6 +210,7 @@ def _trainer(spec: JobSpec, job_id: str, run_id: str, tracking_uri: str, sink: A
 def _finish(client: Any, spec: JobSpec, fit: Any, result: dict[str, Any]) -> None:
     """Complete `result` from the finished run: the registered model, the output, the final evaluation."""
     from jobs import tracking
+    from jobs.judges import SKIPPED_TAG
 
     run_id = result["run_id"]
     metrics = fit.metrics or {}
@@ -218,6 +221,9 @@ def _finish(client: Any, spec: JobSpec, fit: Any, result: dict[str, Any]) -> Non
     result["model_uri"] = tags.get(tracking.MODEL_URI_TAG)
     if tags.get(tracking.OUTPUT_TAG):
         result["output"] = tags[tracking.OUTPUT_TAG]
+    if tags.get(SKIPPED_TAG):  # "metric: why; ..." as the judges recorded it
+        parts = (p.split(": ", 1) for p in tags[SKIPPED_TAG].split("; ") if ": " in p)
+        result["not_computed"] = {metric: why for metric, why in parts}
     if spec.kind == "eval":
         result["model"] = spec.evaluate
         result["metrics"] = eval_result(run.data.metrics, tags.get(tracking.EVALUATED_KIND_TAG))

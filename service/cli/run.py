@@ -18,10 +18,6 @@ from vqbase.protocol import RAY_ADDRESS_ENV
 
 _HEADLINE = ("psnr", "ssim", "lpips", "rfid", "usage", "perplexity", "dead_codes", "bits_per_image", "fid",
              "inception_score", "class_acc", "nll", "unigram_entropy", "nll_vs_unigram", "images")
-# what a headline metric needs from the spec: printed when it is missing, so the user knows which field to add
-_NEEDS = {"psnr": "data.eval", "ssim": "data.eval", "nll": "data.eval", "lpips": "data.eval and evaluation.lpips_weights",
-          "rfid": "data.eval and evaluation.fid_weights", "fid": "evaluation.fid_weights",
-          "inception_score": "evaluation.fid_weights", "class_acc": "evaluation.classifier"}
 
 
 def run(
@@ -55,10 +51,12 @@ def run(
     if code != 0:
         print_tail(log_path, 15)
         raise fail(f"job {spec.name!r} failed (exit {code}); full log: {log_path}", 1)
-    print_result(result)
+    print_result(result, has_eval=spec.data.eval is not None)
 
 
-def print_result(result: dict) -> None:
+def print_result(result: dict, has_eval: bool = True) -> None:
+    """The run's links, its model and its final evaluation; a metric not computed says why (the job's judges'
+    reasons, or that the spec names no eval split), so the user knows what to add."""
     if result.get("run_url"):
         typer.echo(f"MLflow run: {result['run_url']}")
     if result.get("ui_url"):
@@ -73,7 +71,8 @@ def print_result(result: dict) -> None:
         for key in [k for k in _HEADLINE if k in metrics]:
             v = metrics[key]
             if v is None:
-                shown = f"not computed (needs {_NEEDS[key]})" if key in _NEEDS else "not computed"
+                why = (result.get("not_computed") or {}).get(key) or ("" if has_eval else "the spec names no data.eval")
+                shown = f"not computed ({why})" if why else "not computed"
             else:
                 shown = f"{v:.6g}"
             typer.echo(f"  {key:<22} {shown}")

@@ -160,13 +160,17 @@ def test_run_turns_progress_lines_into_a_result(tmp_path):
     assert rc == 3
 
 
-def test_run_says_which_spec_field_a_missing_metric_needs(capsys):
+def test_run_says_why_a_metric_was_not_computed(capsys):
     from service.cli.run import print_result
 
-    print_result({"metrics": {"psnr": None, "ssim": 0.5, "rfid": None, "fid": None, "class_acc": None}})
+    reasons = {"rfid": "no evaluation.fid_weights named", "lpips": "no evaluation.lpips_weights named"}
+    print_result({"metrics": {"psnr": 21.5, "ssim": None, "rfid": None, "lpips": None}, "not_computed": reasons})
     out = capsys.readouterr().out
-    assert "psnr                   not computed (needs data.eval)" in out
-    assert "ssim                   0.5" in out
-    assert "rfid                   not computed (needs data.eval and evaluation.fid_weights)" in out
-    assert "fid                    not computed (needs evaluation.fid_weights)" in out
-    assert "class_acc              not computed (needs evaluation.classifier)" in out
+    assert "psnr                   21.5" in out
+    assert "rfid                   not computed (no evaluation.fid_weights named)" in out
+    assert "lpips                  not computed (no evaluation.lpips_weights named)" in out
+    assert "ssim                   not computed\n" in out  # no reason known: none invented
+    print_result({"metrics": {"psnr": None, "rfid": None}, "not_computed": reasons}, has_eval=False)
+    out = capsys.readouterr().out
+    assert "psnr                   not computed (the spec names no data.eval)" in out
+    assert "rfid                   not computed (no evaluation.fid_weights named)" in out

@@ -183,7 +183,7 @@ def test_vqtrain_run_does_not_pass_the_client_token_to_its_job(tmp_path, monkeyp
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:1")
     monkeypatch.delenv("VQTRAIN_RAY_ADDRESS", raising=False)
     monkeypatch.setattr(cli_run, "run_child", run_child)
-    monkeypatch.setattr(cli_run, "print_result", lambda result: None)
+    monkeypatch.setattr(cli_run, "print_result", lambda result, **kw: None)
     cli_run.run(spec)
     assert seen and "VQTRAIN_TOKEN" not in seen and seen["MLFLOW_TRACKING_URI"] == "http://127.0.0.1:1"
 

@@ -100,7 +100,9 @@ def test_sizes_must_match_the_implicit_codebook():
         VectorQuantizer(8, 100, method="fsq", fsq_levels=[4, 4, 4])
     with pytest.raises(ValueError, match="fsq_levels: none given, .* no levels for codebook_size 100;"):
         VectorQuantizer(8, 100, method="fsq")
-    assert VectorQuantizer(8, 1000, method="fsq").scalar.levels == [8, 5, 5, 5]  # the paper's, for 1,000 codes
+    paper = VectorQuantizer(8, 1000, method="fsq")
+    assert paper.scalar.levels == [8, 5, 5, 5]  # the paper's, for 1,000 codes ...
+    assert paper.options.fsq_levels == [8, 5, 5, 5]  # ... and saved as such: a checkpoint never depends on the table
     with pytest.raises(ValueError, match="codebook_size: LFQ has 2\\^bits codes"):
         VectorQuantizer(8, 100, method="lfq")
     with pytest.raises(ValueError, match="kmeans_init: applies to method='vq' only"):

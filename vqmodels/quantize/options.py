@@ -25,9 +25,9 @@ class QuantizerOptions:
 
     method: Method = "vq"  # "fsq": finite scalar quantization; "lfq": lookup-free (signs); both: implicit codebook
     fsq_levels: list[int] = field(default_factory=list)  # FSQ levels per dimension, e.g. [8, 8, 8, 5, 5, 5]: their product is the codebook size; [] = the paper's levels for codebook_size (FSQ_LEVELS)
-    lfq_entropy_weight: float = 0.1  # LFQ: weight of MAGVIT-v2's entropy loss
+    lfq_entropy_weight: float = 0.3  # LFQ: weight of MAGVIT-v2's entropy loss (the paper: 0.1; see lfq_temperature)
     lfq_diversity: float = 1.0  # LFQ: weight of the codebook (batch) entropy inside it
-    lfq_temperature: float = 0.01  # LFQ: T of p(c|z) = softmax(-|z - c|^2 / T)
+    lfq_temperature: float = 0.1  # LFQ: T of p(c|z) = softmax(-|z - c|^2 / T); the paper's 0.01 saturates at init (BENCHMARKS)
     lfq_commitment: float = 0.25  # LFQ: weight of |z - sg(sign(z))|^2
     beta: float = 0.95  # loss = (1-beta)*|z - sg(z_q)|^2 + beta*|sg(z) - z_q|^2
     estimator: Estimator = "ste"  # gradient to z: straight-through, or the rotation trick (Fifty et al. 2024)
@@ -107,10 +107,10 @@ PRESETS: dict[str, dict[str, Any]] = {
     # finite scalar quantization (Mentzer et al. 2023): the paper's levels for codebook_size (1,000, 15,360, 64,000, ...),
     # or name fsq_levels, e.g. [8, 8, 8, 5, 5, 5] for 64,000 codes
     "fsq": {"method": "fsq"},
-    # lookup-free quantization (MAGVIT-v2): codebook_size = 2^bits, with its entropy loss. Measured at 14 bits
-    # (docs/BENCHMARKS.md): at the paper's T = 0.01 the sigmoids saturate at init and bits that start on one side
-    # never move (128 of 16,384 codes used); T = 0.1 and weight 0.3 keep all bits alive and gain 1 dB
-    "lfq": {"method": "lfq", "lfq_temperature": 0.1, "lfq_entropy_weight": 0.3},
+    # lookup-free quantization (MAGVIT-v2): codebook_size = 2^bits, with its entropy loss. The lfq_* defaults are
+    # measured at 14 bits (docs/BENCHMARKS.md): at the paper's T = 0.01 the sigmoids saturate at init and bits that
+    # start on one side never move (128 of 16,384 codes used); T = 0.1 and weight 0.3 keep all bits alive, +1 dB
+    "lfq": {"method": "lfq"},
     # the classic recipe: EMA codebook, k-means init, dead-code replacement
     "ema": {"update": "ema", "kmeans_init": True, "replace_every": 20},
     # rotation-trick gradients on top of the default recipe

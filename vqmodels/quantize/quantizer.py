@@ -9,6 +9,7 @@ step counter or on globally reduced values. No collective runs in eval mode.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any, NamedTuple
 
@@ -65,6 +66,8 @@ class VectorQuantizer(nn.Module):
             self.codebook = Codebook(dim, codebook_size, o)
         else:
             self.scalar = scalar_quantizer(dim, codebook_size, o)
+            if isinstance(self.scalar, FSQ):  # levels resolved from the paper's table are saved as such
+                self.options = o = dataclasses.replace(o, fsq_levels=list(self.scalar.levels))
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
         self.register_buffer("initialised", torch.tensor(not o.kmeans_init))
         self.register_buffer("last_used", torch.full((codebook_size,), NEVER, dtype=torch.long))

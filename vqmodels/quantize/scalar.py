@@ -98,8 +98,8 @@ class FSQ(nn.Module):
 class LFQ(nn.Module):
     """Lookup-free quantization to the signs of `bits` dimensions, with MAGVIT-v2's entropy loss."""
 
-    def __init__(self, dim: int, bits: int, entropy_weight: float = 0.1, diversity: float = 1.0,
-                 temperature: float = 0.01, commitment: float = 0.25):
+    def __init__(self, dim: int, bits: int, entropy_weight: float = 0.3, diversity: float = 1.0,
+                 temperature: float = 0.1, commitment: float = 0.25):
         super().__init__()
         self.bits, self.codebook_size = bits, 2**bits
         self.entropy_weight, self.diversity, self.temperature, self.commitment = (
