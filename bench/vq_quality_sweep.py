@@ -8,7 +8,7 @@ On a GPU, one small autoencoder leaves the card mostly idle, so a dozen workers 
     python bench/vq_quality_sweep.py --jobs bench/sweeps/around_default.jsonl --seeds 4,5,6,7 \\
         --device cuda --workers 15 --out bench/results/vq_quality_h200.jsonl
     python bench/vq_quality_sweep.py --summary bench/results/vq_quality_h200.jsonl
-    python bench/vq_quality_sweep.py --jobs bench/sweeps/large_vocab.jsonl --bits 16 --device cuda --workers 8 \
+    python bench/vq_quality_sweep.py --jobs bench/sweeps/large_vocab.jsonl --bits 16 --device cuda --workers 8 \\
         --out bench/results/vq_quality_16bit_gpu.jsonl
 """
 

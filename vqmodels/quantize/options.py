@@ -68,15 +68,21 @@ FSQ_LEVELS: dict[int, tuple[int, ...]] = {
     18: (8, 8, 8, 8, 8, 8),
 }
 
+
+def _paper_levels(codebook_size: int) -> list[int] | None:
+    """The FSQ paper's levels whose product is `codebook_size`, if the table has them."""
+    return next((list(v) for v in FSQ_LEVELS.values() if math.prod(v) == codebook_size), None)
+
+
 def fsq_levels_for(levels: list[int], codebook_size: int) -> list[int]:
     """`levels`, or when none are given the FSQ paper's levels for `codebook_size`; a ValueError naming the field
     when the product does not match (a spec reports it under `quantizer.fsq_levels`)."""
     if not levels:
-        paper = [list(v) for v in FSQ_LEVELS.values() if math.prod(v) == codebook_size]
-        if not paper:
+        paper = _paper_levels(codebook_size)
+        if paper is None:
             raise ValueError(f"fsq_levels: none given, and the FSQ paper has no levels for codebook_size "
                              f"{codebook_size}; name them ({fsq_levels_hint(codebook_size)})")
-        return paper[0]
+        return paper
     levels = [int(x) for x in levels]
     if math.prod(levels) != codebook_size:
         raise ValueError(f"fsq_levels: {levels} give {math.prod(levels)} codes, but codebook_size is {codebook_size}; "
@@ -86,9 +92,9 @@ def fsq_levels_for(levels: list[int], codebook_size: int) -> list[int]:
 
 def fsq_levels_hint(codebook_size: int) -> str:
     """What to write instead, for an error about fsq_levels that do not give `codebook_size` codes."""
-    for levels in FSQ_LEVELS.values():
-        if math.prod(levels) == codebook_size:
-            return f"the FSQ paper's levels for {codebook_size} codes are {list(levels)}"
+    paper = _paper_levels(codebook_size)
+    if paper is not None:
+        return f"the FSQ paper's levels for {codebook_size} codes are {paper}"
     table = "; ".join(f"{list(v)} = {math.prod(v):,}" for v in FSQ_LEVELS.values())
     return f"the FSQ paper's levels: {table}"
 
